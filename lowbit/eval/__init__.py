@@ -1,0 +1,17 @@
+"""Accuracy evaluation on real, offline assets: text corpora, SmolLM2 and perplexity."""
+
+from lowbit.eval.corpora import CORPORA, SPLITS, cache_dir, load_documents, load_text
+from lowbit.eval.perplexity import PerplexityResult, heldout_perplexity, perplexity
+from lowbit.eval.smollm import load_smollm2
+
+__all__ = [
+    "CORPORA",
+    "SPLITS",
+    "PerplexityResult",
+    "cache_dir",
+    "heldout_perplexity",
+    "load_documents",
+    "load_smollm2",
+    "load_text",
+    "perplexity",
+]

@@ -1,0 +1,113 @@
+"""Plain-PyTorch implementations of every lowbit op: the CPU path and the test oracle.
+
+Each function takes the packed fields exactly as the tensor subclasses store them and
+decodes them with the one codec in `lowbit.formats`, so a kernel that matches these
+functions matches the format.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.formats import (
+    AffineSpec,
+    choose_qparams,
+    dequantize,
+    dequantize_fp8,
+    fp8_max,
+    quantize,
+    saturating_cast,
+    unpack_bits,
+)
+
+
+def group_block(qshape_k: int, scale: torch.Tensor) -> tuple[int, int]:
+    """Block size (1, g) of a [N, K] weight whose scale is [N, K // g]."""
+    return (1, qshape_k // scale.shape[1])
+
+
+def int8_weight(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize(qdata, scale, None, group_block(qdata.shape[1], scale), dtype)
+
+
+def intx_weight(
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Unsigned packed codes; with zero=None the codes are symmetric, offset by 2^(bits-1)."""
+    k = qdata.shape[1] * 8 // bits
+    codes = unpack_bits(qdata, bits, k).to(torch.int16)
+    if zero is None:
+        codes = codes - 2 ** (bits - 1)
+    return dequantize(codes, scale, zero, group_block(k, scale), dtype)
+
+
+def fp8_weight(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_fp8(qdata, scale, group_block(qdata.shape[1], scale), dtype)
+
+
+def int8_weight_only_linear(x, qdata, scale, bias):
+    return F.linear(x, int8_weight(qdata, scale, x.dtype), bias)
+
+
+def intx_weight_only_linear(x, qdata, scale, zero, bias, bits):
+    return F.linear(x, intx_weight(qdata, scale, zero, bits, x.dtype), bias)
+
+
+def fp8_weight_only_linear(x, qdata, scale, bias):
+    return F.linear(x, fp8_weight(qdata, scale, x.dtype), bias)
+
+
+def quantize_per_token_int8(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes per row and their float32 scales [M, 1]."""
+    block = (1, x2d.shape[1])
+    spec = AffineSpec(8)
+    scale, _ = choose_qparams(x2d, spec, block, torch.float32)
+    return quantize(x2d, scale, None, spec, block).to(torch.int8), scale
+
+
+def int8_dynamic_linear(x, qdata, scale, bias):
+    """Per-token int8 activations x per-row int8 weights, int32 accumulation."""
+    x2d = x.reshape(-1, x.shape[-1])
+    xq, xs = quantize_per_token_int8(x2d)
+    acc = torch._int_mm(xq, qdata.t()) if x2d.shape[0] > 0 else xq.new_zeros(0, qdata.shape[0])
+    y = acc.float() * xs * scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], qdata.shape[0])
+
+
+def quantize_fp8_activation(x2d: torch.Tensor, per_row: bool, dtype=torch.float8_e4m3fn):
+    """Dynamic fp8 activations: one float32 scale per row, or one for the whole tensor."""
+    mag = x2d.float().abs()
+    amax = mag.amax(dim=1, keepdim=True) if per_row else mag.amax().reshape(1, 1)
+    scale = (amax / fp8_max(dtype)).clamp(min=1e-12)
+    return saturating_cast(x2d.float() / scale, dtype), scale
+
+
+def fp8_dynamic_linear(x, qdata, scale, bias, act_per_row):
+    x2d = x.reshape(-1, x.shape[-1])
+    xq, xs = quantize_fp8_activation(x2d, act_per_row, qdata.dtype)
+    y = (xq.float() * xs) @ (qdata.float() * scale.float()).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], qdata.shape[0])
+
+
+def fake_quantize_per_token_int8_asym(x: torch.Tensor) -> torch.Tensor:
+    """The activation side of the int8-activation/int4-weight scheme (ExecuTorch's 8da4w)."""
+    spec = AffineSpec(8, "asymmetric", "int")
+    x2d = x.reshape(-1, x.shape[-1]).float()
+    block = (1, x2d.shape[1])
+    scale, zero = choose_qparams(x2d, spec, block, torch.float32)
+    q = quantize(x2d, scale, zero, spec, block)
+    return dequantize(q, scale, zero, block, x.dtype).reshape(x.shape)
+
+
+def int8_act_intx_weight_linear(x, qdata, scale, zero, bias, bits):
+    w = intx_weight(qdata, scale, zero, bits, x.dtype)
+    return F.linear(fake_quantize_per_token_int8_asym(x), w, bias)

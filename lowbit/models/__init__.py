@@ -1,0 +1,21 @@
+"""Reference Llama-style transformer with a static KV cache, used by benchmarks and tests."""
+
+from lowbit.models.llama import (
+    KVCache,
+    ModelArgs,
+    Transformer,
+    decode_one_token,
+    generate,
+    init_weights,
+    sample,
+)
+
+__all__ = [
+    "KVCache",
+    "ModelArgs",
+    "Transformer",
+    "decode_one_token",
+    "generate",
+    "init_weights",
+    "sample",
+]

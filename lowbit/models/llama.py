@@ -1,0 +1,371 @@
+"""A small Llama-style decoder-only transformer with a static KV cache and generate().
+
+It is the model that benchmarks, tests and the demo quantize. Every projection is a plain
+`nn.Linear` called as a module, so a quantization pass only has to swap `.weight` for a tensor
+subclass that implements `F.linear`. The decode step has fixed shapes, no host syncs and no
+branches on tensor values, so `torch.compile` can capture it whole (CUDA graphs included).
+
+RoPE rotates the two halves of each head (the Hugging Face layout), so Hugging Face Llama
+checkpoints load without permuting `wq`/`wk`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_PRESETS: dict[str, dict] = {
+    "llama3-8b": dict(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_hidden=14336,
+        rope_theta=500000.0, max_seq_len=8192,
+    ),
+    "small": dict(
+        dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=32000, ffn_hidden=2048,
+    ),
+    "tiny": dict(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden=128,
+        max_seq_len=128,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Shape of the model; frozen so a config can be shared without being changed under you."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_hidden: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ModelArgs:
+        """A preset ("llama3-8b", "small", "tiny"); overrides such as n_layers=2 shrink it."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown model {name!r}; choose one of {sorted(_PRESETS)}")
+        return replace(cls(**_PRESETS[name]), **overrides)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization computed in fp32, so bf16/fp16 activations keep their precision."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin [T, head_dim // 2] for the given positions.
+
+    Computed on the fly instead of stored in a buffer: it costs almost nothing, and a model
+    built on the meta device then has no buffer that must be recomputed after `to_empty`.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = theta ** (-exponents / head_dim)
+    angles = positions.float()[:, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, T, H, D] by position, in fp32; pairs are (i, i + D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+class KVCache(nn.Module):
+    """Fixed-size K/V buffers [max_batch, n_kv_heads, max_seq, head_dim] of one layer.
+
+    Static shapes let the decode step be compiled once and replayed as a CUDA graph. The
+    buffers are not persistent: they never end up in a state_dict or checkpoint.
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ) -> None:
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, H_kv, T, D] at input_pos; return the whole cache of those B rows."""
+        batch = k.shape[0]
+        k_all, v_all = self.k[:batch], self.v[:batch]
+        k_all.index_copy_(2, input_pos, k)
+        v_all.index_copy_(2, input_pos, v)
+        return k_all, v_all
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RoPE and grouped-query K/V heads."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        kv_dim = args.n_kv_heads * args.head_dim
+        self.wq = nn.Linear(args.dim, args.dim, bias=False)
+        self.wk = nn.Linear(args.dim, kv_dim, bias=False)
+        self.wv = nn.Linear(args.dim, kv_dim, bias=False)
+        self.wo = nn.Linear(args.dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None
+    ) -> Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:  # query head h reads K/V head h // groups
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(y.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(args.dim, args.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(args.ffn_hidden, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, mask: Tensor | None
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder-only Llama: embedding, n_layers blocks, final norm, output projection."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.max_batch_size = 0  # capacity of the KV caches; 0 while none are set up
+        self.cache_len = 0
+
+    def setup_caches(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Allocate zeroed per-layer K/V caches; dtype and device default to the embedding's."""
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(
+                f"cache length {max_seq_len} exceeds max_seq_len {self.args.max_seq_len}"
+            )
+        weight = self.tok_embeddings.weight
+        dtype = dtype or weight.dtype
+        device = device or weight.device
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype, device
+            )
+        self.max_batch_size, self.cache_len = max_batch_size, max_seq_len
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """Logits [B, T, vocab] for tokens [B, T].
+
+        With input_pos [T] the layers write K/V into the caches at those positions and attend
+        to every cached position up to each query's own. Without it the caches are not used:
+        plain causal attention over tokens, for training and perplexity.
+        """
+        batch, seq = tokens.shape
+        if input_pos is None:
+            if seq > self.args.max_seq_len:
+                raise ValueError(f"{seq} tokens exceed max_seq_len {self.args.max_seq_len}")
+            positions, mask = torch.arange(seq, device=tokens.device), None
+        else:
+            self._check_cache_fits(batch, seq, input_pos)
+            positions = input_pos
+            cached = torch.arange(self.cache_len, device=tokens.device)
+            mask = cached[None, :] <= input_pos[:, None]
+        cos, sin = rope_tables(positions, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, input_pos, mask)
+        return self.output(self.norm(h))
+
+    def _check_cache_fits(self, batch: int, seq: int, input_pos: Tensor) -> None:
+        """Shape-only checks: they cost no host sync and add no graph break."""
+        if self.cache_len == 0:
+            raise RuntimeError("input_pos given but no KV cache: call setup_caches() first")
+        if input_pos.shape != (seq,):
+            raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({seq},)")
+        if batch > self.max_batch_size:
+            raise ValueError(f"batch {batch} exceeds the cache batch size {self.max_batch_size}")
+        if seq > self.cache_len:
+            raise ValueError(f"{seq} tokens exceed the cache length {self.cache_len}")
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int = 0, std: float = 0.02) -> None:
+    """Fill the model with reproducible random weights and zero its caches.
+
+    Benchmarks time random weights (never zeros), and a model built on the meta device needs
+    real values after `to_empty`. Linear and embedding weights get normal(0, std), norm gains 1.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            weight = module.weight
+            if weight.device not in generators:
+                generators[weight.device] = torch.Generator(weight.device).manual_seed(seed)
+            weight.normal_(0.0, std, generator=generators[weight.device])
+    for buffer in model.buffers():
+        buffer.zero_()
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None) -> Tensor:
+    """Next token [B, 1] from logits [B, vocab]; greedy when temperature is 0.
+
+    Sampling takes argmax(p / e) with e ~ Exp(1), which draws from p like torch.multinomial
+    but without its host sync, so the decode step stays capturable in a CUDA graph.
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1, keepdim=True)
+
+
+def decode_one_token(
+    model: Transformer,
+    cur_token: Tensor,
+    input_pos: Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+) -> Tensor:
+    """One decode step: cur_token [B, 1] at input_pos [1] -> next token [B, 1].
+
+    This is the function to wrap in torch.compile (fullgraph, "reduce-overhead" or
+    "max-autotune"); it has no graph breaks and no host syncs.
+    """
+    logits = model(cur_token, input_pos)
+    return sample(logits[:, -1], temperature, top_k)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt: Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    decode_fn: Callable[..., Tensor] | None = None,
+) -> Tensor:
+    """Prompt [B, T0] -> tokens [B, T0 + max_new_tokens]: a prefill, then one token per step.
+
+    decode_fn replaces decode_one_token (same signature), typically a compiled version of it.
+    Existing caches are reused when they are big enough, so a compiled step keeps its graph.
+    Inputs are validated here, once, so the step itself never syncs.
+    """
+    _check_generate_inputs(model, prompt, max_new_tokens, temperature)
+    if max_new_tokens == 0:
+        return prompt.clone()
+    batch, prompt_len = prompt.shape
+    total = prompt_len + max_new_tokens
+    if model.max_batch_size < batch or model.cache_len < total:
+        model.setup_caches(batch, total, device=prompt.device)
+    step = decode_fn or decode_one_token
+
+    input_pos = torch.arange(prompt_len, device=prompt.device)
+    token = sample(model(prompt, input_pos)[:, -1], temperature, top_k)
+    tokens = [prompt, token]
+    input_pos = input_pos[-1:] + 1
+    for _ in range(max_new_tokens - 1):
+        # clone: a CUDA-graph step reuses its output buffer on the next replay
+        token = step(model, token, input_pos, temperature=temperature, top_k=top_k).clone()
+        tokens.append(token)
+        input_pos = input_pos + 1
+    return torch.cat(tokens, dim=1)
+
+
+def _check_generate_inputs(
+    model: Transformer, prompt: Tensor, max_new_tokens: int, temperature: float
+) -> None:
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be [batch, seq] with seq >= 1, got {tuple(prompt.shape)}")
+    if prompt.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"prompt must hold integer token ids, got {prompt.dtype}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    total, limit = prompt.shape[1] + max_new_tokens, model.args.max_seq_len
+    if total > limit:
+        raise ValueError(f"prompt + new tokens = {total} exceeds max_seq_len {limit}")
+    low, high = (int(v) for v in torch.aminmax(prompt))  # one host sync, before decoding
+    if low < 0 or high >= model.args.vocab_size:
+        raise ValueError(f"token ids must be in [0, {model.args.vocab_size}), got [{low}, {high}]")
