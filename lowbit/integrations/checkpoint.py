@@ -48,7 +48,8 @@ def save_quantized(
     described: dict[str, dict] = {}
     aliases: dict[str, str] = {}
     seen: dict[int, str] = {}
-    for key, t in model.state_dict().items():
+    # keep_vars: tied parameters come back as the same object, so they are stored once.
+    for key, t in model.state_dict(keep_vars=True).items():
         if id(t) in seen:
             aliases[key] = seen[id(t)]
             continue

@@ -107,6 +107,17 @@ def _why_not(module: nn.Module, cfg: QuantConfig) -> str | None:
     return None
 
 
+def _follow_ties(model, new_weights, assignments, summary) -> None:
+    """A weight shared with unselected modules (tied embeddings) is replaced there too,
+    so the tie, and the memory saving, survive."""
+    chosen = {id(m) for m, _ in assignments}
+    for fqn, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if id(module) not in chosen and weight is not None and id(weight) in new_weights:
+            assignments.append((module, weight))
+            summary.quantized[fqn] = f"tied: {repr(new_weights[id(weight)].data)}"
+
+
 def quantize_(
     model: nn.Module,
     config: QuantConfig | ModuleConfigs,
@@ -138,6 +149,7 @@ def quantize_(
             continue
         assignments.append((module, weight))
         summary.quantized[fqn] = repr(new_weights[id(weight)].data)
+    _follow_ties(model, new_weights, assignments, summary)
     for module, weight in assignments:
         module.weight = new_weights[id(weight)]
     if summary.skipped:

@@ -90,6 +90,10 @@ class LowbitTensor(torch.Tensor):
         return sum(t.numel() * t.element_size() for t in self.inner_tensors().values())
 
     # ---- compile / export / FSDP plumbing ------------------------------------------------
+    def _stable_hash_for_caching(self) -> str:
+        """Compile-cache key: the format, not the data (inner tensors are graph inputs)."""
+        return f"{type(self).__qualname__}:{self.attrs()}:{tuple(self.shape)}:{self.dtype}"
+
     def __tensor_flatten__(self):
         names = [n for n in self.tensor_fields if getattr(self, n) is not None]
         return names, (tuple(self.attrs().items()), self.dtype)

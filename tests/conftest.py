@@ -1,0 +1,34 @@
+"""Shared test helpers: SQNR, the CUDA skip, and format-derived error predictions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def sqnr(reference: torch.Tensor, actual: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    ref = reference.double()
+    noise = (ref - actual.double()).pow(2).mean().item()
+    signal = ref.pow(2).mean().item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def db(ratio: float) -> float:
+    return 10 * math.log10(ratio)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
