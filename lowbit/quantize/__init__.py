@@ -14,6 +14,7 @@ from lowbit.quantize.configs import (
     config_from_dict,
 )
 from lowbit.quantize.handlers import quantize_weight, register_handler
+from lowbit.quantize.presets import PRESETS, preset
 
 __all__ = [
     "ConfigError",
@@ -25,10 +26,12 @@ __all__ = [
     "Int8WeightOnly",
     "IntxWeightOnly",
     "ModuleConfigs",
+    "PRESETS",
     "QuantConfig",
     "QuantizeSummary",
     "config_from_dict",
     "is_linear",
+    "preset",
     "quantize_",
     "quantize_weight",
     "register_handler",

@@ -29,8 +29,9 @@ def test_presets_and_overrides():
     assert ModelArgs.from_name("llama3-8b", n_layers=2).n_layers == 2
     with torch.device("meta"):
         small = Transformer(ModelArgs.from_name("small"))
-    n_params = sum(p.numel() for p in small.parameters())
-    assert 80e6 < n_params < 150e6
+        llama3 = Transformer(big)
+    assert 80e6 < sum(p.numel() for p in small.parameters()) < 150e6
+    assert round(sum(p.numel() for p in llama3.parameters()) / 1e9, 2) == 8.03
     with pytest.raises(ValueError, match="unknown model"):
         ModelArgs.from_name("gpt-5")
     with pytest.raises(ValueError, match="n_kv_heads"):
