@@ -10,7 +10,7 @@ def _demo(args: argparse.Namespace) -> int:
     from lowbit.demo import DEMO_CONFIGS, run_demo
 
     configs = tuple(args.configs.split(",")) if args.configs else DEMO_CONFIGS
-    run_demo(configs, args.out, args.windows)
+    run_demo(configs, args.out, args.windows, args.record)
     return 0
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--configs", help="comma-separated config names (default: the main ones)")
     demo.add_argument("--out", default="demo-out", help="checkpoint folder (default: %(default)s)")
     demo.add_argument("--windows", type=int, default=4, help="1024-token windows to score")
+    demo.add_argument("--record", help="also write the table as JSON to this path")
     demo.set_defaults(run=_demo)
     return parser
 

@@ -9,6 +9,8 @@ so int4 with groups of 32 reproduces it almost exactly; the demo uses groups of 
 from __future__ import annotations
 
 import copy
+import json
+import platform
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ def _measure(name, model, ids, path, windows, quantized=0, skipped=0) -> DemoRow
     from lowbit.eval import perplexity
 
     save_quantized(model, path)
+    with torch.no_grad():  # warm-up: first-call allocations are not part of the speed
+        model(ids[None, :128])
     start = time.perf_counter()
     result = perplexity(model, ids, max_windows=windows, progress=False)
     elapsed = time.perf_counter() - start
@@ -55,7 +59,10 @@ def _measure(name, model, ids, path, windows, quantized=0, skipped=0) -> DemoRow
 
 
 def run_demo(
-    configs: tuple[str, ...] = DEMO_CONFIGS, out_dir: str | Path = "demo-out", windows: int = 4
+    configs: tuple[str, ...] = DEMO_CONFIGS,
+    out_dir: str | Path = "demo-out",
+    windows: int = 4,
+    record: str | Path | None = None,
 ) -> list[DemoRow]:
     from lowbit.eval import load_smollm2, load_text
 
@@ -79,7 +86,28 @@ def run_demo(
         _print_row(row, rows[0])
     print(f"\ncheckpoints: {out.resolve()}/<config>.safetensors "
           "(load with lowbit.load_quantized(model, path))")
+    if record:
+        _record(rows, Path(record), windows)
     return rows
+
+
+def _record(rows: list[DemoRow], path: Path, windows: int) -> None:
+    """Write the table as JSON (benchmarks/report.py turns it into RESULTS.md)."""
+    conditions = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__,
+        "machine": f"CPU, {torch.get_num_threads()} threads, {platform.machine()}",
+        "model": "SmolLM2-135M-Instruct fp32",
+    }
+    note = (f"Held-out Wikipedia slice, {windows} windows of 1024 tokens. tokens/s is the "
+            "CPU forward speed of this harness, not a GPU number. Caveat: SmolLM2 shipped as "
+            "GGUF Q4_1 (groups of 32), so group-32 int4 weights look near-lossless on it.")
+    data = {"conditions": conditions, "note": note, "rows": [
+        {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(r).items()} for r in rows
+    ]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    print(f"recorded {path}")
 
 
 def _print_row(row: DemoRow, base: DemoRow) -> None:

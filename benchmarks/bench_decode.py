@@ -1,0 +1,161 @@
+"""End-to-end decode: a Llama-style model at Llama-3-8B dimensions, static KV cache, the decode
+step compiled with CUDA graphs (torch.compile mode="reduce-overhead", fullgraph), random
+weights. bf16, lowbit configs and torchao 0.18's same configs, in one process.
+
+Before timing, each quantized model's logits are compared with the bf16 model's on the
+same prompt (a sanity check: a broken kernel shows as a collapse of the SQNR).
+Writes results/decode.json.
+
+    python benchmarks/bench_decode.py --layers 32 --batches 1,8 --new 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import conditions, model_bytes, torchao_configs, write_result  # noqa: E402
+
+from lowbit.models import ModelArgs, Transformer, decode_one_token, init_weights  # noqa: E402
+from lowbit.quantize import preset, quantize_  # noqa: E402
+
+CONFIGS = ["int8", "int4-g128", "int4-g64", "fp8", "fp8-dynamic", "int8-dynamic"]
+
+
+def build_bf16(layers: int, max_seq: int) -> Transformer:
+    args = ModelArgs.from_name("llama3-8b", n_layers=layers, max_seq_len=max_seq)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    init_weights(model, seed=0)
+    return model.eval()
+
+
+def _sqnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    noise = (a.double() - b.double()).pow(2).mean().item()
+    return math.inf if noise == 0 else 10 * math.log10(a.double().pow(2).mean().item() / noise)
+
+
+@torch.no_grad()
+def run_decode(model: Transformer, batch: int, prompt_len: int, new: int) -> dict:
+    torch.manual_seed(1)
+    prompt = torch.randint(0, model.args.vocab_size, (batch, prompt_len), device="cuda")
+    model.setup_caches(batch, prompt_len + new, dtype=torch.bfloat16, device="cuda")
+    torch._dynamo.reset()
+    step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    input_pos = torch.arange(prompt_len, device="cuda")
+    t0 = time.perf_counter()
+    token = model(prompt, input_pos)[:, -1:].argmax(-1)
+    pos = input_pos[-1:] + 1
+    for _ in range(3):  # compile + graph capture, outside the timing
+        step(model, token, pos).clone()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    model.setup_caches(batch, prompt_len + new, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    token = model(prompt, input_pos)[:, -1:].argmax(-1)
+    pos = input_pos[-1:] + 1
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(new - 1):
+        token = step(model, token, pos).clone()
+        pos = pos + 1
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1000
+    return {
+        "batch": batch,
+        "tokens_per_s": (new - 1) / seconds,
+        "tokens_per_s_total": batch * (new - 1) / seconds,
+        "ms_per_step": seconds * 1000 / (new - 1),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "compile_s": compile_s,
+    }
+
+
+@torch.no_grad()
+def logits_check(model: Transformer, base_logits: torch.Tensor, prompt: torch.Tensor) -> float:
+    return _sqnr(base_logits, model(prompt).float())
+
+
+def quantized_copy(base: Transformer, name: str, use_torchao: bool):
+    model = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if use_torchao:
+            from torchao.quantization import quantize_ as ao_quantize_
+
+            ao_quantize_(model, torchao_configs()[name])
+        else:
+            summary = quantize_(model, preset(name), show_progress=False)
+            if summary.skipped:
+                print(f"  skipped: {summary.skipped}")
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--torchao", default=",".join(CONFIGS), help="'' to skip torchao")
+    p.add_argument("--out", default="decode")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    base = build_bf16(args.layers, args.prompt + args.new)
+    torch.manual_seed(2)
+    check_prompt = torch.randint(0, base.args.vocab_size, (1, 64), device="cuda")
+    with torch.no_grad():
+        base_logits = base(check_prompt).float()
+    ao = torchao_configs()
+    plan = [("bf16", None, False)]
+    plan += [(n, n, False) for n in args.configs.split(",") if n]
+    plan += [(f"torchao:{n}", n, True) for n in args.torchao.split(",") if n and n in ao]
+    rows = []
+    for label, name, use_ao in plan:
+        try:
+            model = base if name is None else quantized_copy(base, name, use_ao)
+            sq = logits_check(model, base_logits, check_prompt)
+            weight_gib = model_bytes(model) / 2**30
+            for batch in batches:
+                r = run_decode(model, batch, args.prompt, args.new)
+                r.update(config=label, logits_sqnr_vs_bf16_db=sq, weights_gib=weight_gib)
+                rows.append(r)
+                print(f"{label:<22} B={batch:<3} {r['tokens_per_s']:8.1f} tok/s  "
+                      f"{r['ms_per_step']:6.2f} ms/step  peak {r['peak_mem_gib']:5.1f} GiB  "
+                      f"logits sqnr {sq:5.1f} dB  compile {r['compile_s']:.0f}s", flush=True)
+        except Exception as e:
+            rows.append({"config": label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(f"{label}: ERROR {rows[-1]['error']}", flush=True)
+        finally:
+            if name is not None:
+                model = None
+                gc.collect()
+                torch.cuda.empty_cache()
+    for r in rows:
+        base_row = next((b for b in rows if b.get("config") == "bf16"
+                         and b.get("batch") == r.get("batch")), None)
+        if base_row and "tokens_per_s" in r:
+            r["speedup_vs_bf16"] = r["tokens_per_s"] / base_row["tokens_per_s"]
+    cond = conditions() | {"layers": args.layers, "prompt": args.prompt, "new_tokens": args.new,
+                           "model": "llama3-8b dims", "compile": "reduce-overhead, fullgraph"}
+    path = write_result(args.out, {"conditions": cond, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

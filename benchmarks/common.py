@@ -1,0 +1,120 @@
+"""Shared benchmark plumbing: conditions, CUDA-graph timing, JSON results, torchao loading."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+# Measured on the H100 of ../shared/GPU.md (device-to-device copy): the bandwidth ceiling.
+COPY_TBPS = 2.97
+BF16_TFLOPS = 766.0
+FP8_TFLOPS = 1386.0
+INT8_TOPS = 1386.0  # dense int8 tensor-core peak is the same as fp8 on H100 (not measured)
+
+
+def conditions() -> dict[str, Any]:
+    """What every result records: when, where, with which versions."""
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    try:
+        import torchao
+
+        info["torchao"] = torchao.__version__
+    except ImportError:
+        info["torchao"] = None
+    return info
+
+
+def time_cuda_graph(fn, inputs: list[tuple], calls_per_graph: int = 20, reps: int = 10) -> float:
+    """Median microseconds per call of fn(*inputs[i]), captured in one CUDA graph.
+
+    The graph cycles through the input sets so consecutive calls read different weights
+    (the L2 does not flatter small shapes), and launch overhead is excluded as in a
+    CUDA-graph decode loop.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for args in inputs:  # warm-up: autotuning and lazy init happen outside the graph
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls_per_graph):
+            fn(*inputs[i % len(inputs)])
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls_per_graph)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def torchao_configs() -> dict[str, Any]:
+    """torchao 0.18's nearest equivalents of lowbit's presets (empty if not installed)."""
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            Int4WeightOnlyConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            PerRow,
+        )
+    except ImportError:
+        return {}
+    return {
+        "int8": Int8WeightOnlyConfig(),
+        "int8-dynamic": Int8DynamicActivationInt8WeightConfig(),
+        # Its default int4 packing needs a kernel package that is not installed; tinygemm is
+        # what its docs recommend (../shared/GPU.md).
+        "int4-g128": Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+        "int4-g64": Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d"),
+        "fp8": Float8WeightOnlyConfig(),
+        "fp8-dynamic": Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+    }
+
+
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really holds: inner tensors of subclasses (lowbit's or torchao's)."""
+    inner = t.data if isinstance(t, torch.nn.Parameter) else t
+    if type(inner) is not torch.Tensor and hasattr(inner, "__tensor_flatten__"):
+        names, _ = inner.__tensor_flatten__()
+        return sum(stored_bytes(getattr(inner, n)) for n in names)
+    return inner.numel() * inner.element_size()
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(stored_bytes(p) for p in model.parameters())
