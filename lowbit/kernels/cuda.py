@@ -86,14 +86,16 @@ def _register() -> None:
             wo, _dyn = _triton()
             x_rounded = (xq.float() * xs).to(x.dtype)
             return _unflat(wo.fp8_weight_only_mm(x_rounded, qdata, scale, bias), x)
-        scale_b = scale.float().reshape(1, -1) if act_per_row else scale.float().reshape(1, 1)
-        if not act_per_row:
-            xs = xs.reshape(())
-            scale_b = scale_b.reshape(())
+        if act_per_row:
+            scale_b = scale.float().reshape(1, -1)
+            out_dtype = torch.bfloat16  # rowwise scaling produces bf16 only
+        else:
+            xs, scale_b, out_dtype = xs.reshape(()), scale.float()[0, 0], x.dtype
         y = torch._scaled_mm(
-            xq, qdata.t(), scale_a=xs, scale_b=scale_b, bias=bias, out_dtype=x.dtype
+            xq, qdata.t(), scale_a=xs, scale_b=scale_b,
+            bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
         )
-        return _unflat(y, x)
+        return _unflat(y.to(x.dtype), x)
 
 
 _register()

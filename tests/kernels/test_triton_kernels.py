@@ -1,0 +1,311 @@
+"""Triton kernels against plain PyTorch references.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set before Triton is imported) on tiny
+shapes. With one, the same tiny shapes run compiled, and the ``cuda`` tests add full-size layers.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from lowbit.kernels.triton import (  # noqa: E402
+    fp8_weight_only_mm,
+    int4_weight_only_mm,
+    int8_dynamic_mm,
+    int8_weight_only_mm,
+    quantize_per_token_int8,
+)
+
+
+def _patch_interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter stores scalars as 1-element arrays and calls int() on them for
+    loop bounds, which NumPy >= 2.4 refuses; read the single element instead."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_lowbit_patched", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._lowbit_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETED:
+    _patch_interpreter_scalar_index()
+elif not torch.cuda.is_available():
+    pytest.skip("compiled Triton kernels need CUDA", allow_module_level=True)
+DEVICE = "cpu" if INTERPRETED else "cuda"
+# Largest relative error of one cast to each dtype: half an ulp for round-to-nearest on the GPU,
+# a whole ulp under the interpreter, whose fp32 -> bf16/fp16 casts truncate.
+UNIT_ROUNDOFF = {
+    dtype: 2.0**-bits * (2 if INTERPRETED else 1)
+    for dtype, bits in ((torch.bfloat16, 8), (torch.float16, 11), (torch.float32, 24))
+}
+needs_gpu = pytest.mark.skipif(INTERPRETED, reason="full-size layers need the compiled kernels")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------
+
+
+def dequant_int4(q, scale, zero):
+    codes = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(q.shape[0], -1).float()
+    g = codes.shape[1] // scale.shape[1]
+    return (codes - zero.float().repeat_interleave(g, 1)) * scale.float().repeat_interleave(g, 1)
+
+
+def dequant_scaled(q, scale):
+    g = q.shape[1] // scale.shape[1]
+    return q.float() * scale.float().repeat_interleave(g, 1)
+
+
+def reference_quantize(x):
+    amax = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12)
+    # Divide by a tensor: CUDA torch computes `amax / 127` (a Python scalar) as amax * fp32(1/127),
+    # 1 ulp off for ~4% of rows, where CPU torch and the kernel divide exactly.
+    x_scale = amax / torch.full_like(amax, 127.0)
+    xq = torch.round(x.float() / x_scale).clamp(-127, 127).to(torch.int8)
+    return xq, x_scale
+
+
+def assert_matches_linear(y, x, w, bias):
+    """y vs x.float() @ w.T (+ bias), within a bound derived for fp32 accumulation.
+
+    Per element, with S = sum_k |x_k w_k|: fp32 accumulation of K products errs by at most
+    K * 2**-24 * S; weights rounded to x's dtype before the tensor-core dot add at most u * S
+    (u = UNIT_ROUNDOFF[x.dtype]); rounding the output adds u * |y|.
+    """
+    ref = x.float() @ w.T
+    bound = (x.float().abs() @ w.abs().T) * (x.shape[1] * 2.0**-24 + UNIT_ROUNDOFF[x.dtype])
+    if bias is not None:
+        ref = ref + bias.float()
+    bound = bound + ref.abs() * UNIT_ROUNDOFF[x.dtype] + 1e-6
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    err = (y.float() - ref).abs()
+    assert torch.all(err <= bound), f"max excess {(err - bound).max().item():.3g}"
+
+
+def make_x(m, k, dtype, device=DEVICE):
+    return torch.randn(m, k, device=device).to(dtype)
+
+
+def make_int4(n, k, g, dtype, device=DEVICE):
+    q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
+    scale = (torch.rand(n, k // g, device=device) * 0.02 + 0.001).to(dtype)
+    zero = (torch.rand(n, k // g, device=device) * 15).to(dtype)
+    return q, scale, zero
+
+
+def make_int8(n, k, g, dtype, device=DEVICE):
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
+    scale = (torch.rand(n, k // g, device=device) * 0.01 + 0.001).to(dtype)
+    return q, scale
+
+
+def make_fp8(n, k, device=DEVICE):
+    w = torch.randn(n, k, device=device) * 100
+    q = w.clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(n, 1, device=device) * 0.01 + 0.001
+    return q, scale
+
+
+def maybe_bias(n, dtype, with_bias, device=DEVICE):
+    return torch.randn(n, device=device).to(dtype) if with_bias else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny shapes, every path (M == 1 is the GEMV, M > 1 the tl.dot GEMM), odd M and N for masks
+# ---------------------------------------------------------------------------------------------
+
+SMALL = [  # (M, K, N, g, dtype, bias)
+    (1, 64, 16, 32, torch.bfloat16, True),
+    (1, 256, 48, 256, torch.float16, False),
+    (3, 128, 16, 64, torch.bfloat16, False),
+    (17, 256, 48, 32, torch.float32, True),
+    (33, 64, 16, 64, torch.bfloat16, True),
+]
+
+
+@pytest.mark.parametrize(("m", "k", "n", "g", "dtype", "with_bias"), SMALL)
+def test_int4_weight_only_small(m, k, n, g, dtype, with_bias):
+    x = make_x(m, k, dtype)
+    q, scale, zero = make_int4(n, k, g, dtype)
+    bias = maybe_bias(n, dtype, with_bias)
+    y = int4_weight_only_mm(x, q, scale, zero, bias)
+    assert_matches_linear(y, x, dequant_int4(q, scale, zero), bias)
+
+
+@pytest.mark.parametrize(("m", "k", "n", "g", "dtype", "with_bias"), SMALL)
+def test_int8_weight_only_small(m, k, n, g, dtype, with_bias):
+    x = make_x(m, k, dtype)
+    q, scale = make_int8(n, k, g, dtype)
+    bias = maybe_bias(n, dtype, with_bias)
+    y = int8_weight_only_mm(x, q, scale, bias)
+    assert_matches_linear(y, x, dequant_scaled(q, scale), bias)
+
+
+@pytest.mark.parametrize(("m", "k", "n", "dtype", "with_bias"), [
+    (1, 128, 16, torch.bfloat16, True),
+    (3, 64, 48, torch.float16, False),
+    (17, 128, 16, torch.bfloat16, True),
+])
+def test_fp8_weight_only_small(m, k, n, dtype, with_bias):
+    x = make_x(m, k, dtype)
+    q, scale = make_fp8(n, k)
+    bias = maybe_bias(n, dtype, with_bias)
+    y = fp8_weight_only_mm(x, q, scale, bias)
+    assert_matches_linear(y, x, dequant_scaled(q, scale), bias)
+
+
+def test_fp8_decodes_every_code():
+    """All 254 finite e4m3 codes (subnormals, both zeros, +-448) through the bit-trick decode."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    finite = codes[(codes & 0x7F) != 0x7F]
+    k = 256
+    q = finite.repeat(2)[:k].view(torch.float8_e4m3fn).reshape(1, k).repeat(16, 1).to(DEVICE)
+    scale = torch.ones(16, 1, device=DEVICE)
+    x = torch.zeros(k, k, device=DEVICE)
+    x[torch.arange(k), torch.arange(k)] = 1.0  # y[m] = w[:, m] exactly
+    for m in (1, k):
+        y = fp8_weight_only_mm(x[:m].contiguous(), q, scale)
+        assert torch.equal(y, q.float().T[:m])
+
+
+@pytest.mark.parametrize(("m", "k", "dtype"), [(1, 64, torch.bfloat16), (5, 200, torch.float16),
+                                               (3, 96, torch.float32)])
+def test_quantize_per_token_bit_exact(m, k, dtype):
+    x = make_x(m, k, dtype) * torch.logspace(-3, 3, m, device=DEVICE).unsqueeze(1).to(dtype)
+    x[0, :] = 0  # all-zero row: the 1e-12 clamp keeps the scale finite
+    xq, x_scale = quantize_per_token_int8(x)
+    ref_q, ref_scale = reference_quantize(x)
+    assert xq.dtype == torch.int8 and x_scale.dtype == torch.float32
+    assert torch.equal(xq, ref_q) and torch.equal(x_scale, ref_scale)
+
+
+def test_quantize_rounds_half_to_even():
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5]], device=DEVICE)
+    xq, x_scale = quantize_per_token_int8(x)
+    assert x_scale.item() == 1.0
+    assert xq.tolist() == [[127, 0, 2, 2, 0, -2, -2, 4]]
+
+
+@pytest.mark.parametrize(("m", "k", "n", "dtype", "with_bias"), [
+    (1, 128, 16, torch.bfloat16, True),
+    (17, 64, 48, torch.float16, False),
+    (33, 128, 16, torch.float32, True),
+])
+def test_int8_dynamic_small(m, k, n, dtype, with_bias):
+    x = make_x(m, k, dtype)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEVICE)
+    w_scale = torch.rand(n, 1, device=DEVICE) * 0.01 + 0.001
+    bias = maybe_bias(n, dtype, with_bias)
+    y = int8_dynamic_mm(x, q, w_scale, bias)
+    xq, x_scale = reference_quantize(x)
+    ref = (xq.double() @ q.double().T).float() * x_scale * w_scale.T
+    if bias is not None:
+        ref = ref + bias.float()
+    # The int32 product is exact; what remains is fp32 scaling and the output rounding.
+    torch.testing.assert_close(y.float(), ref, rtol=1e-3 + UNIT_ROUNDOFF[dtype], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA tests: full-size layer, every dispatch bucket
+# ---------------------------------------------------------------------------------------------
+
+K_FULL, N_FULL = 4096, 14336
+
+
+def sqnr_db(y, ref):
+    return (10 * torch.log10(ref.pow(2).sum() / (y.float() - ref).pow(2).sum())).item()
+
+
+def linear_ref(x, w, bias):
+    """fp32 reference from the same dequantized weights."""
+    ref = x.float() @ w.T
+    return ref + bias.float() if bias is not None else ref
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 256])
+def test_int4_full_size(m):
+    x = make_x(m, K_FULL, torch.bfloat16)
+    q, scale, zero = make_int4(N_FULL, K_FULL, 128, torch.bfloat16)
+    bias = maybe_bias(N_FULL, torch.bfloat16, True)
+    y = int4_weight_only_mm(x, q, scale, zero, bias)
+    assert sqnr_db(y, linear_ref(x, dequant_int4(q, scale, zero), bias)) > 40
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 256])
+def test_int8_full_size(m):
+    x = make_x(m, K_FULL, torch.bfloat16)
+    q, scale = make_int8(N_FULL, K_FULL, 128, torch.bfloat16)
+    y = int8_weight_only_mm(x, q, scale)
+    assert sqnr_db(y, linear_ref(x, dequant_scaled(q, scale), None)) > 40
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 256])
+def test_fp8_full_size(m):
+    x = make_x(m, K_FULL, torch.bfloat16)
+    q, scale = make_fp8(N_FULL, K_FULL)
+    y = fp8_weight_only_mm(x, q, scale)
+    assert sqnr_db(y, linear_ref(x, dequant_scaled(q, scale), None)) > 40
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 256])
+def test_int8_dynamic_full_size(m):
+    x = make_x(m, K_FULL, torch.bfloat16)
+    q = torch.randint(-127, 128, (N_FULL, K_FULL), dtype=torch.int8, device=DEVICE)
+    w_scale = torch.rand(N_FULL, 1, device=DEVICE) * 0.01 + 0.001
+    bias = maybe_bias(N_FULL, torch.bfloat16, True)
+    xq, x_scale = quantize_per_token_int8(x)
+    ref_q, ref_scale = reference_quantize(x)
+    assert torch.equal(xq, ref_q) and torch.equal(x_scale, ref_scale)
+    y = int8_dynamic_mm(x, q, w_scale, bias)
+    ref = (ref_q.double() @ q.double().T).float() * ref_scale * w_scale.T + bias.float()
+    # Exact int32 product (checked in float64); fp32 scaling, then the bf16 output rounding.
+    torch.testing.assert_close(y.float(), ref, rtol=1e-3 + UNIT_ROUNDOFF[x.dtype], atol=1e-2)
+    assert sqnr_db(y, ref) > 40
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense decode (the large-M candidate)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
+def test_dequantize_words_matches_the_format(fmt):
+    """The decode kernel gives exactly the reference dequantization, rounded once to bf16."""
+    from lowbit.kernels.triton.dequant import dequantize_words
+    from lowbit.kernels.triton.weight_only import FP8, INT4, INT8
+    from lowbit.quantize import Float8WeightOnly, Int4WeightOnly, Int8WeightOnly, quantize_weight
+
+    cfg, code, cpw = {
+        "int4": (Int4WeightOnly(32), INT4, 8),
+        "int8": (Int8WeightOnly(), INT8, 4),
+        "fp8": (Float8WeightOnly(), FP8, 4),
+    }[fmt]
+    q = quantize_weight(cfg, torch.randn(24, 128)).to(DEVICE)
+    zero = q.zero if getattr(q, "zero", None) is not None else q.scale
+    words = q.qdata.contiguous().view(torch.int32)
+    dense = dequantize_words(words, q.scale, zero, code, cpw, 128, torch.float32)
+    torch.testing.assert_close(dense, q.dequantize(torch.float32), rtol=1e-6, atol=1e-6)
