@@ -157,7 +157,8 @@ def main() -> None:
     for k, n in shapes:
         rows += bench_shape(k, n, ms, configs, ao)
         torch.cuda.empty_cache()
-    path = write_result(args.out, {"conditions": conditions(), "rows": rows})
+        # written after every shape, so a run cut short still leaves its numbers
+        path = write_result(args.out, {"conditions": conditions(), "rows": rows})
     print(f"wrote {path}")
 
 
