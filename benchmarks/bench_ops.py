@@ -29,7 +29,7 @@ from common import (  # noqa: E402
     INT8_TOPS,
     conditions,
     stored_bytes,
-    time_cuda_graph,
+    time_op,
     torchao_configs,
     write_result,
 )
@@ -112,7 +112,7 @@ def bench_shape(k: int, n: int, ms: list[int], configs: list[str], ao: dict) -> 
                 if name in OPS:
                     row["sqnr_vs_reference_db"] = _sqnr(_reference_out(ws[0], xs[0]), out)
                     row["kernel"] = kernel_name(OPS[name], xs[0])
-                us = time_cuda_graph(fn, inputs)
+                us, row["timing"] = time_op(fn, inputs)
             except Exception as e:  # a config that cannot run a shape is recorded, not hidden
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 rows.append(row)

@@ -43,6 +43,25 @@ def conditions() -> dict[str, Any]:
     return info
 
 
+def time_op(fn, inputs: list[tuple]) -> tuple[float, str]:
+    """(microseconds, how): inside a CUDA graph when the op can be captured, else eager with
+    CUDA events (launch overhead included, and said so in the results)."""
+    try:
+        return time_cuda_graph(fn, inputs), "cuda-graph"
+    except RuntimeError:
+        torch.cuda.synchronize()
+    for args in inputs:
+        fn(*args)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    calls = 20 * len(inputs)
+    start.record()
+    for i in range(calls):
+        fn(*inputs[i % len(inputs)])
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / calls, "eager"
+
+
 def time_cuda_graph(fn, inputs: list[tuple], calls_per_graph: int = 20, reps: int = 10) -> float:
     """Median microseconds per call of fn(*inputs[i]), captured in one CUDA graph.
 

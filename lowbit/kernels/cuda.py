@@ -79,13 +79,15 @@ def _register() -> None:
 
     @ops.fp8_dynamic_linear.register_kernel("cuda")
     def _(x, qdata, scale, bias, act_per_row):
+        if not HAS_TRITON:
+            return ref.fp8_dynamic_linear(x, qdata, scale, bias, act_per_row)
+        wo, dyn = _triton()
         x2d = _flat(x)
-        xq, xs = ref.quantize_fp8_activation(x2d, act_per_row, qdata.dtype)
-        if x2d.shape[0] <= FP8_SCALED_MM_MIN_M and HAS_TRITON:
+        if x2d.shape[0] <= FP8_SCALED_MM_MIN_M:
             # Same numbers as the fp8 GEMM: activations rounded to fp8, fp32 accumulation.
-            wo, _dyn = _triton()
-            x_rounded = (xq.float() * xs).to(x.dtype)
+            x_rounded, _ = dyn.quantize_fp8_rows(x2d, act_per_row, fake=True)
             return _unflat(wo.fp8_weight_only_mm(x_rounded, qdata, scale, bias), x)
+        xq, xs = dyn.quantize_fp8_rows(x2d, act_per_row)
         if act_per_row:
             scale_b = scale.float().reshape(1, -1)
             out_dtype = torch.bfloat16  # rowwise scaling produces bf16 only

@@ -70,11 +70,19 @@ def quantize_per_token_int8(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return quantize(x2d, scale, None, spec, block).to(torch.int8), scale
 
 
+def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 a @ b. torch._int_mm on CUDA wants more than 16 rows: pad, then slice."""
+    m = a.shape[0]
+    if a.is_cuda and m <= 16:
+        a = torch.cat([a, a.new_zeros(17 - m, a.shape[1])])
+    return torch._int_mm(a, b)[:m] if m else a.new_zeros(0, b.shape[1], dtype=torch.int32)
+
+
 def int8_dynamic_linear(x, qdata, scale, bias):
     """Per-token int8 activations x per-row int8 weights, int32 accumulation."""
     x2d = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_per_token_int8(x2d)
-    acc = torch._int_mm(xq, qdata.t()) if x2d.shape[0] > 0 else xq.new_zeros(0, qdata.shape[0])
+    acc = _int8_matmul(xq, qdata.t())
     y = acc.float() * xs * scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()

@@ -12,29 +12,35 @@ import torch
 import triton
 import triton.language as tl
 
-from .weight_only import INT4_OFFSET, _decode
+from .weight_only import INT4_OFFSET, _dequant_tile, fit_k_block
 
 
 @triton.jit
 def _dequant_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, K, WORDS, g, stride_s,
-    FMT: tl.constexpr, CPW: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, ASM: tl.constexpr,
+    FMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr,
+    WPG: tl.constexpr, ASM: tl.constexpr,
 ):
+    """One [BN, BK] tile: NG groups (or one slice of a group) of WPG words per row."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    cols = tl.program_id(1) * BW + tl.arange(0, BW)
-    mask = (rows < N)[:, None] & (cols < WORDS)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    words = tl.load(w_ptr + rows64 * WORDS + cols[None, :], mask=mask, other=0)
-    codes = _decode(words, FMT, ASM)
-    for i in tl.static_range(CPW):
-        k = cols[None, :] * CPW + i
-        s = tl.load(s_ptr + rows64 * stride_s + k // g, mask=mask, other=0.0).to(tl.float32)
-        if FMT == 0:
-            z = tl.load(z_ptr + rows64 * stride_s + k // g, mask=mask, other=0.0).to(tl.float32)
-            v = (codes[i] - INT4_OFFSET - z) * s
-        else:
-            v = codes[i] * s
-        tl.store(out_ptr + rows64 * K + k, v.to(out_ptr.dtype.element_ty), mask=mask)
+    k0 = tl.program_id(1) * BK
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    word0 = k0 // (BK // (NG * WPG))
+    offs_w = (word0 + tl.arange(0, NG)[:, None] * WPG + tl.arange(0, WPG)[None, :])
+    words = tl.load(w_ptr + rows64[:, None, None] * WORDS + offs_w[None, :, :],
+                    mask=rmask[:, None, None], other=0)
+    grp = k0 // g + tl.arange(0, NG)
+    s = tl.load(s_ptr + rows64[:, None] * stride_s + grp[None, :], mask=rmask[:, None],
+                other=0.0).to(tl.float32)
+    zs = s
+    if FMT == 0:
+        z = tl.load(z_ptr + rows64[:, None] * stride_s + grp[None, :], mask=rmask[:, None],
+                    other=0.0).to(tl.float32)
+        zs = (z + INT4_OFFSET) * s
+    tile = _dequant_tile(words, s, zs, FMT, ASM, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows64[:, None] * K + k0 + tl.arange(0, BK)[None, :], tile,
+             mask=rmask[:, None])
 
 
 def dequantize_words(words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: int,
@@ -42,11 +48,15 @@ def dequantize_words(words: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
                      compile_only: bool = False) -> torch.Tensor:
     """Packed int32 words [N, K / cpw] -> dense [N, K] of `dtype` (same numbers as the GEMMs)."""
     n, nwords = words.shape
+    g = k // scale.shape[1]
+    bk = fit_k_block(256, k, g, cpw)
+    ng = max(1, bk // g)
     out = torch.empty((n, k), device=words.device, dtype=dtype)
-    bn, bw = 16, 128
-    grid = (triton.cdiv(n, bn), triton.cdiv(nwords, bw))
-    args = (words, scale, zero, out, n, k, nwords, k // scale.shape[1], scale.stride(0))
-    meta = dict(FMT=fmt, CPW=cpw, BN=bn, BW=bw, ASM=words.device.type == "cuda", num_warps=4)
+    bn = 32
+    grid = (triton.cdiv(n, bn), k // bk)
+    args = (words, scale, zero, out, n, k, nwords, g, scale.stride(0))
+    meta = dict(FMT=fmt, BN=bn, BK=bk, NG=ng, WPG=min(g, bk) // cpw,
+                ASM=words.device.type == "cuda", num_warps=4)
     if compile_only:
         _dequant_kernel.warmup(*args, grid=grid, **meta)
     else:

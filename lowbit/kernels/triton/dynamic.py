@@ -144,3 +144,53 @@ def int8_dynamic_mm(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor,
               lambda c, co: _int8_mm_launch(c, co, xq, x_scale, qdata, w_scale, bias, out),
               x.device)
     return out
+
+
+@triton.jit
+def _quantize_rows_fp8_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexpr,
+                              PER_ROW: tl.constexpr, FAKE: tl.constexpr):
+    """One row per program. e4m3 codes of x / scale, saturated to +-448, rounded to nearest.
+
+    PER_ROW: scale = max(amax|x|, 1e-12) / 448, stored per row; else the scale is read from
+    s_ptr[0]. FAKE writes the rounded activations back in x's dtype (q * scale) instead of
+    the codes: the small-M path feeds them to the fp8 weight-only GEMV.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    if PER_ROW:
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), 448.0)
+    else:
+        scale = tl.load(s_ptr)
+    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+    q = v.to(tl.float8e4nv)
+    if FAKE:
+        tl.store(q_ptr + row * K + offs, (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty),
+                 mask=mask)
+    else:
+        tl.store(q_ptr + row * K + offs, q, mask=mask)
+        if PER_ROW:
+            tl.store(s_ptr + row, scale)
+
+
+def quantize_fp8_rows(x: torch.Tensor, per_row: bool,
+                      fake: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 codes [M, K], fp32 scales [M, 1] or [1, 1]) in one pass over x.
+
+    With fake=True the first result is instead q * scale in x's dtype (same rounding).
+    """
+    m, k = x.shape
+    block = triton.next_power_of_2(k)
+    assert block <= _MAX_ROW, f"rows longer than {_MAX_ROW} are not supported"
+    x = x if x.stride(1) == 1 else x.contiguous()
+    if per_row:
+        scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    else:
+        scale = (x.abs().amax().float() / 448.0).clamp(min=1e-12).reshape(1, 1)
+    q = torch.empty((m, k), device=x.device, dtype=x.dtype if fake else torch.float8_e4m3fn)
+    if m:
+        warps = max(1, min(16, block // 256))
+        _quantize_rows_fp8_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK=block,
+                                        PER_ROW=per_row, FAKE=fake, num_warps=warps)
+    return q, scale
