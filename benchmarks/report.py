@@ -94,9 +94,9 @@ def main() -> None:
              "Every number comes from a run recorded there, with its conditions; baselines "
              "(bf16, torchao) were measured in the same run.", ""]
     for name, section in SECTIONS.items():
-        path = RESULTS / f"{name}.json"
-        if path.exists():
-            lines += section(json.loads(path.read_text())) + [""]
+        # one section per file: name.json, or name_<part>.json for runs split across calls
+        for path in sorted(RESULTS.glob(f"{name}.json")) + sorted(RESULTS.glob(f"{name}_*.json")):
+            lines += section(json.loads(path.read_text())) + [f"(from `{path.name}`)", ""]
     (HERE / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {HERE / 'RESULTS.md'}")
 
