@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# LOWBIT_RESULTS_DIR lets a GPU run write straight to the folder that is copied back.
+RESULTS = Path(os.environ.get("LOWBIT_RESULTS_DIR", Path(__file__).parent / "results"))
 # Measured on the H100 of ../shared/GPU.md (device-to-device copy): the bandwidth ceiling.
 COPY_TBPS = 2.97
 BF16_TFLOPS = 766.0

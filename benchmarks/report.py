@@ -29,6 +29,7 @@ def _fmt(v, digits=2):
 def decode_section(data: dict) -> list[str]:
     rows = data["rows"]
     out = ["## End-to-end decode", "", _conditions(data["conditions"]), "",
+           data["conditions"].get("note", ""), "",
            "| config | batch | tokens/s (per sequence) | vs bf16 | ms/step | peak GiB | "
            "weights GiB | logits SQNR vs bf16 (dB) |",
            "|---|---|---|---|---|---|---|---|"]
@@ -39,7 +40,7 @@ def decode_section(data: dict) -> list[str]:
         out.append(
             f"| {r['config']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
             f"{_fmt(r.get('speedup_vs_bf16'))}x | {r['ms_per_step']:.2f} | "
-            f"{r['peak_mem_gib']:.1f} | {r['weights_gib']:.2f} | "
+            f"{r['peak_mem_gib']:.1f} | {_fmt(r.get('weights_gib'))} | "
             f"{_fmt(r['logits_sqnr_vs_bf16_db'], 1)} |"
         )
     return out
