@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: install the torchao wheel carried in .whl (if any), run the CUDA tests,
 # then the requested benchmarks; logs and JSON go to $OUT (and benchmarks/results/).
-# Usage: bash benchmarks/gpu_run.sh tests|ops|decode [extra args for the benchmark]
+# Usage: bash benchmarks/gpu_run.sh tests|ops|decode|sparse [extra args for the benchmark]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -15,4 +15,21 @@ case "$what" in
   tests) python3 -m pytest -m cuda -q -p no:cacheprovider tests 2>&1 | tee "$OUT/cuda_tests.log" ;;
   ops) python3 benchmarks/bench_ops.py "$@" 2>&1 | tee "$OUT/ops.log" ;;
   decode) python3 benchmarks/bench_decode.py "$@" 2>&1 | tee "$OUT/decode.log" ;;
+  mx) python3 -m pytest -q -p no:cacheprovider tests/kernels/test_mx_triton.py 2>&1 \
+        | tee "$OUT/mx_tests.log"
+      python3 benchmarks/bench_mx.py "$@" 2>&1 | tee "$OUT/mx.log" ;;
+  sparse) { python3 -m pytest -m cuda -q -p no:cacheprovider tests/sparsity; \
+             python3 benchmarks/bench_sparse.py "$@"; } 2>&1 | tee "$OUT/sparse.log" ;;
+  fp8train) { python3 -m pytest -m cuda -q -p no:cacheprovider tests/training/test_float8_cuda.py; \
+               python3 benchmarks/bench_fp8_training.py "$@"; } 2>&1 | tee "$OUT/fp8_training.log" ;;
+  fp8conv) python3 benchmarks/train_fp8_convergence.py train "$@" 2>&1 \
+        | tee "$OUT/fp8_convergence.log" ;;
+  optim) python3 benchmarks/bench_optim.py "$@" 2>&1 | tee "$OUT/optim.log" ;;
+  optimtests) python3 -m pytest -m cuda -q -p no:cacheprovider tests/optim 2>&1 \
+        | tee "$OUT/optim_tests.log" ;;
+  # The parsed Wikipedia cache travels in the tree: copy ~/.cache/lowbit/corpora/wiki-v1.json
+  # to benchmarks/data/lowbit-cache/corpora/ first (no gensim on the GPU machine).
+  optimconv) LOWBIT_CACHE=${LOWBIT_CACHE:-$PWD/benchmarks/data/lowbit-cache} \
+      python3 benchmarks/converge_optim.py --device cuda --preset small --ffn 3072 --steps 1000 \
+        --batch 16 --seq 512 --lr 6e-4 "$@" 2>&1 | tee "$OUT/converge_optim.log" ;;
 esac

@@ -88,6 +88,38 @@ def accuracy_section(data: dict) -> list[str]:
 
 SECTIONS = {"decode": decode_section, "ops": ops_section, "accuracy": accuracy_section}
 
+# Other results files render as one plain table of their rows' scalar fields.
+TITLES = {
+    "calibration": "Calibration (GPTQ, AWQ, HQQ, SmoothQuant): SmolLM2-135M held-out perplexity",
+    "accuracy_mx": "MX and NVFP4: SmolLM2-135M held-out perplexity",
+    "accuracy_sparse": "2:4 sparsity: SmolLM2-135M held-out perplexity",
+    "accuracy_efficientnet": "EfficientNet-Lite0: top-1 agreement with fp32 on real photos",
+    "qat_smollm2": "QAT: SmolLM2-135M fine-tune, held-out perplexity",
+    "bench_mx": "MX / NVFP4 weight-only decode per op (GPU: card in the conditions)",
+    "sparse_ops": "2:4 sparse linear per op (GPU: card in the conditions)",
+    "fp8_training": "fp8 training throughput (GPU: card in the conditions)",
+    "fp8_convergence": "fp8 training convergence on real text (GPU: card in the conditions)",
+    "optim_speed": "Low-bit AdamW step time (GPU: card in the conditions)",
+    "optim_convergence": "Low-bit AdamW convergence on real text (~100M params, GPU)",
+    "converge_optim_cpu": "Low-bit AdamW convergence on real text (0.9M params, CPU)",
+}
+_HIDDEN = {"spec", "timing", "weight_bytes"}
+
+
+def generic_section(title: str, data: dict) -> list[str]:
+    rows = data.get("rows", [])
+    if isinstance(rows, dict):  # {name: {field: value}}
+        rows = [{"row": name, **fields} for name, fields in rows.items()]
+    cols = list(dict.fromkeys(
+        k for r in rows for k, v in r.items()
+        if k not in _HIDDEN and (v is None or isinstance(v, (str, int, float, bool)))))
+    out = [f"## {title}", "", _conditions(data.get("conditions", {})), ""]
+    if data.get("note"):
+        out += [data["note"], ""]
+    out += ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    out += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return out
+
 
 def main() -> None:
     lines = ["# Benchmark results", "",
@@ -96,8 +128,15 @@ def main() -> None:
              "(bf16, torchao) were measured in the same run.", ""]
     for name, section in SECTIONS.items():
         # one section per file: name.json, or name_<part>.json for runs split across calls
-        for path in sorted(RESULTS.glob(f"{name}.json")) + sorted(RESULTS.glob(f"{name}_*.json")):
+        paths = sorted(RESULTS.glob(f"{name}.json")) + sorted(RESULTS.glob(f"{name}_*.json"))
+        for path in (p for p in paths if p.stem not in TITLES):
             lines += section(json.loads(path.read_text())) + [f"(from `{path.name}`)", ""]
+    for stem, title in TITLES.items():
+        for path in sorted(RESULTS.glob(f"{stem}.json")):
+            lines += generic_section(title, json.loads(path.read_text()))
+            lines += [f"(from `{path.name}`)", ""]
+            if path.with_suffix(".png").exists():
+                lines += [f"![{title}](results/{path.stem}.png)", ""]
     (HERE / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {HERE / 'RESULTS.md'}")
 

@@ -1,6 +1,8 @@
-"""Accuracy evaluation on real, offline assets: text corpora, SmolLM2 and perplexity."""
+"""Accuracy evaluation on real, offline assets: text corpora, SmolLM2 and perplexity, MiniLM
+embedding similarity."""
 
 from lowbit.eval.corpora import CORPORA, SPLITS, cache_dir, load_documents, load_text
+from lowbit.eval.embeddings import embed, embedding_similarity, load_minilm
 from lowbit.eval.perplexity import PerplexityResult, heldout_perplexity, perplexity
 from lowbit.eval.smollm import load_smollm2
 
@@ -9,8 +11,11 @@ __all__ = [
     "SPLITS",
     "PerplexityResult",
     "cache_dir",
+    "embed",
+    "embedding_similarity",
     "heldout_perplexity",
     "load_documents",
+    "load_minilm",
     "load_smollm2",
     "load_text",
     "perplexity",

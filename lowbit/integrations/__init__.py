@@ -1,4 +1,5 @@
-"""Where lowbit models go: checkpoints now; HF transformers, export and more to come."""
+"""Where lowbit models go: safetensors checkpoints, HF transformers (`hf`), compressed-tensors
+for vLLM (`compressed_tensors`), torch.export / AOTInductor / ExecuTorch (`export`)."""
 
 from lowbit.integrations.checkpoint import (
     CheckpointError,

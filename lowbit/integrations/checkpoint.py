@@ -39,17 +39,18 @@ def register_tensor_class(cls: type[LowbitTensor]) -> type[LowbitTensor]:
     return cls
 
 
-def save_quantized(
-    model: nn.Module, path: str | Path, config: QuantConfig | None = None
-) -> Path:
-    """Write `model.state_dict()` (quantized or not) to a safetensors file."""
-    path = Path(path)
+def flatten_state(
+    state: dict[str, torch.Tensor], config: QuantConfig | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """(plain tensors to store, JSON description) for a state_dict, as `save_quantized` writes
+    them; the HF integration stores the same pair through `save_pretrained`.
+
+    Pass a `keep_vars=True` state_dict so tied parameters are recognized and stored once."""
     tensors: dict[str, torch.Tensor] = {}
     described: dict[str, dict] = {}
     aliases: dict[str, str] = {}
     seen: dict[int, str] = {}
-    # keep_vars: tied parameters come back as the same object, so they are stored once.
-    for key, t in model.state_dict(keep_vars=True).items():
+    for key, t in state.items():
         if id(t) in seen:
             aliases[key] = seen[id(t)]
             continue
@@ -71,6 +72,16 @@ def save_quantized(
         "aliases": aliases,
         "config": None if config is None else config.to_dict(),
     }
+    return tensors, meta
+
+
+def save_quantized(
+    model: nn.Module, path: str | Path, config: QuantConfig | None = None
+) -> Path:
+    """Write `model.state_dict()` (quantized or not) to a safetensors file."""
+    path = Path(path)
+    # keep_vars: tied parameters come back as the same object, so they are stored once.
+    tensors, meta = flatten_state(model.state_dict(keep_vars=True), config)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"lowbit": json.dumps(meta)})
     return path
@@ -85,6 +96,11 @@ def read_metadata(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
     if raw is None:
         raise CheckpointError(f"{path} has no lowbit metadata; was it written by save_quantized?")
+    return parse_metadata(raw, path)
+
+
+def parse_metadata(raw: str, path: str | Path) -> dict:
+    """Validate the ``lowbit`` JSON entry of a checkpoint (version, classes, dtypes)."""
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -106,12 +122,25 @@ def read_metadata(path: str | Path) -> dict:
 def load_state(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The state_dict stored in `path`, with lowbit tensors rebuilt (aliases included)."""
     meta = read_metadata(path)
-    state: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             raw = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot read tensors ({e})") from None
+    state = build_tensors(raw, meta, path)
+    stray = [k for k in raw if ":" in k]
+    if stray:
+        raise CheckpointError(f"{path}: tensors {stray[:3]} belong to no described lowbit tensor")
+    state.update(raw)
+    for alias, target in meta["aliases"].items():
+        state[alias] = state[target]
+    return state
+
+
+def build_tensors(raw: dict[str, torch.Tensor], meta: dict, path: str | Path) -> dict:
+    """Rebuild the described lowbit tensors from their stored fields, popping those from
+    `raw` (so what is left is the plain entries)."""
+    state: dict[str, torch.Tensor] = {}
     for key, d in meta["tensors"].items():
         cls = TENSOR_CLASSES[d["class"]]
         fields = {n: raw.pop(f"{key}:{n}", None) for n in cls.tensor_fields}
@@ -120,12 +149,6 @@ def load_state(path: str | Path, device: str | torch.device = "cpu") -> dict[str
         if missing or set(d["attrs"]) != set(cls.attr_fields):
             raise CheckpointError(f"{path}: {key} is incomplete (missing {missing or 'attrs'})")
         state[key] = cls(shape=tuple(d["shape"]), dtype=_DTYPES[d["dtype"]], **fields, **d["attrs"])
-    stray = [k for k in raw if ":" in k]
-    if stray:
-        raise CheckpointError(f"{path}: tensors {stray[:3]} belong to no described lowbit tensor")
-    state.update(raw)
-    for alias, target in meta["aliases"].items():
-        state[alias] = state[target]
     return state
 
 

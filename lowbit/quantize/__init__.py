@@ -1,6 +1,8 @@
 """Configs, handlers and the `quantize_` entry point."""
 
-from lowbit.quantize.api import ModuleConfigs, QuantizeSummary, is_linear, quantize_
+from lowbit.quantize.api import ModuleConfigs, QuantizeSummary, is_conv2d, is_linear, quantize_
+from lowbit.quantize.bias_correction import correct_bias
+from lowbit.quantize.calibration import AWQ, GPTQ, HQQ, SmoothQuant
 from lowbit.quantize.configs import (
     ConfigError,
     Float8DynamicActivationFloat8Weight,
@@ -14,9 +16,19 @@ from lowbit.quantize.configs import (
     config_from_dict,
 )
 from lowbit.quantize.handlers import quantize_weight, register_handler
+from lowbit.quantize.mx_configs import (
+    MXDynamicActivationMXWeight,
+    MXWeightOnly,
+    NVFP4DynamicActivationNVFP4Weight,
+    NVFP4WeightOnly,
+)
 from lowbit.quantize.presets import PRESETS, preset
 
 __all__ = [
+    "AWQ",
+    "GPTQ",
+    "HQQ",
+    "SmoothQuant",
     "ConfigError",
     "Float8DynamicActivationFloat8Weight",
     "Float8WeightOnly",
@@ -25,11 +37,17 @@ __all__ = [
     "Int8DynamicActivationInt8Weight",
     "Int8WeightOnly",
     "IntxWeightOnly",
+    "MXDynamicActivationMXWeight",
+    "MXWeightOnly",
     "ModuleConfigs",
+    "NVFP4DynamicActivationNVFP4Weight",
+    "NVFP4WeightOnly",
     "PRESETS",
     "QuantConfig",
     "QuantizeSummary",
     "config_from_dict",
+    "correct_bias",
+    "is_conv2d",
     "is_linear",
     "preset",
     "quantize_",

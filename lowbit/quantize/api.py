@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +28,11 @@ FilterFn = Callable[[nn.Module, str], bool]
 def is_linear(module: nn.Module, fqn: str) -> bool:
     """The default filter: every nn.Linear."""
     return isinstance(module, nn.Linear)
+
+
+def is_conv2d(module: nn.Module, fqn: str) -> bool:
+    """Every nn.Conv2d (pass as `filter_fn`; its kernel is quantized per output channel)."""
+    return isinstance(module, nn.Conv2d)
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,10 @@ def _why_not(module: nn.Module, cfg: QuantConfig) -> str | None:
         return "module has no weight tensor"
     if isinstance(weight, LowbitTensor):
         return f"already quantized ({type(weight).__name__})"
-    if cfg.dynamic_activations and not isinstance(module, nn.Linear):
-        return f"{type(cfg).__name__} quantizes activations, which needs an nn.Linear"
+    if weight.dim() == 4 and not isinstance(module, nn.Conv2d):
+        return f"4-D weights are quantized only as nn.Conv2d kernels, not {type(module).__name__}"
+    if cfg.dynamic_activations and not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return f"{type(cfg).__name__} quantizes activations, which needs an nn.Linear or Conv2d"
     return None
 
 
@@ -123,10 +130,19 @@ def quantize_(
     config: QuantConfig | ModuleConfigs,
     filter_fn: FilterFn | None = None,
     *,
+    calibration: Iterable | None = None,
     show_progress: bool = True,
 ) -> QuantizeSummary:
-    """Quantize `model` in place; returns a QuantizeSummary. See the module docstring."""
+    """Quantize `model` in place; returns a QuantizeSummary. See the module docstring.
+
+    `calibration` (batches of token ids, or of model kwargs) feeds calibrated configs such as
+    GPTQ/AWQ/SmoothQuant, which then run block by block (`lowbit.quantize.calibration`)."""
     plan = _plan(model, config, filter_fn)
+    # Imported here: the calibration package builds on this module.
+    from lowbit.quantize.calibration import calibrate, needs_calibration
+
+    if calibration is not None or needs_calibration(plan):
+        return calibrate(model, plan, calibration, show_progress)
     summary = QuantizeSummary()
     new_weights: dict[int, nn.Parameter] = {}  # id(old weight) -> new weight: keeps ties
     assignments: list[tuple[nn.Module, torch.Tensor]] = []

@@ -24,6 +24,7 @@ from lowbit.quantize.configs import (
     QuantConfig,
 )
 from lowbit.tensors import Float8Weight, IntWeight, LowbitTensor
+from lowbit.tensors.conv import as_conv_weight
 
 Handler = Callable[[QuantConfig, torch.Tensor], LowbitTensor]
 _HANDLERS: dict[type, Handler] = {}
@@ -42,6 +43,8 @@ def quantize_weight(config: QuantConfig, weight: torch.Tensor) -> LowbitTensor:
     handler = _HANDLERS.get(type(config))
     if handler is None:
         raise TypeError(f"no quantization handler for {type(config).__name__}")
+    if weight.dim() == 4:  # a Conv2d kernel: quantized as its [out, in/groups * kh * kw] matrix
+        return as_conv_weight(handler(config, weight.detach().flatten(1)), weight.shape)
     return handler(config, weight.detach())
 
 

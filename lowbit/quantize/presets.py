@@ -16,6 +16,12 @@ from lowbit.quantize.configs import (
     IntxWeightOnly,
     QuantConfig,
 )
+from lowbit.quantize.mx_configs import (
+    MXDynamicActivationMXWeight,
+    MXWeightOnly,
+    NVFP4DynamicActivationNVFP4Weight,
+    NVFP4WeightOnly,
+)
 
 PRESETS: dict[str, QuantConfig] = {
     "int8": Int8WeightOnly(),
@@ -29,6 +35,12 @@ PRESETS: dict[str, QuantConfig] = {
     "fp8-dynamic": Float8DynamicActivationFloat8Weight(PerRow()),
     "fp8-dynamic-tensorwise": Float8DynamicActivationFloat8Weight(PerTensor()),
     "int8-dynamic-int4-g32": Int8DynamicActivationInt4Weight(group_size=32),
+    "mxfp8": MXWeightOnly("fp8_e4m3"),
+    "mxfp6": MXWeightOnly("fp6_e2m3"),
+    "mxfp4": MXWeightOnly("fp4_e2m1"),
+    "nvfp4": NVFP4WeightOnly(),
+    "mxfp8-dynamic": MXDynamicActivationMXWeight("fp8_e4m3"),
+    "nvfp4-dynamic": NVFP4DynamicActivationNVFP4Weight(),
 }
 
 

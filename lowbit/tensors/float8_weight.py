@@ -63,7 +63,8 @@ class Float8Weight(LowbitTensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w = ref.fp8_weight(self.qdata, self.scale, dtype or self.dtype)
-        return w.t() if self.transposed else w
+        # A conv kernel is stored as its flattened matrix; reshape gives back its 4-D shape.
+        return w.t() if self.transposed else w.reshape(self.shape)
 
     def dequantize_rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = index.reshape(-1)

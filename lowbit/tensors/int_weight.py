@@ -83,7 +83,8 @@ class IntWeight(LowbitTensor):
             w = ref.int8_weight(self.qdata, self.scale, dtype)
         else:
             w = ref.intx_weight(self.qdata, self.scale, self.zero, self.bits, dtype)
-        return w.t() if self.transposed else w
+        # A conv kernel is stored as its flattened matrix; reshape gives back its 4-D shape.
+        return w.t() if self.transposed else w.reshape(self.shape)
 
     def dequantize_rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `index` (any shape) of the weight, decoded: the embedding lookup."""

@@ -1,0 +1,447 @@
+"""2:4 sparse linears in Triton: kernels that read only the kept values and the metadata.
+
+Layout: see `lowbit.kernels.sparse_ops` (kept values [N, K/2] in k order, or int8 / packed int4
+codes with scales over logical groups; metadata nibbles ``i0 | i1 << 2``, 8 per 32-bit word).
+Every kernel loads, per tile of BK logical columns, BK/2 kept values and BK/32 metadata words
+per row, decodes the kept positions with shifts and masks, and never touches a zero:
+
+* `_gemv_kernel` (CUDA cores; M <= 16): per group of 4 columns the two kept values meet the
+  activation each one belongs to, picked from the 4 activations of the group by 2-3 selects
+  in registers; BM rows of x share every weight load.
+* `_dot_kernel` (tensor cores; 1 < M <= 64): the tile is expanded in registers to dense
+  [BN, BK] (zeros where pruned) and multiplied with `tl.dot`.
+* `_expand_kernel`: writes the dense weight once; for large M, "expand, then the dense cuBLAS
+  GEMM" competes with cuSPARSELt (`torch.sparse.to_sparse_semi_structured`) and the choice is
+  made per shape by measurement (`weight_only.Tuner`), so sparse is never slower than dense
+  plus the (bandwidth-bound) expand.
+
+At small M a linear is bound by weight bytes: 2.25 instead of 4 bytes per 2 bf16 weights, and
+0.375 + scales instead of 0.5 + scales for int4, is where the speed comes from.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .weight_only import (
+    Tuner,
+    fit_k_block,
+    launch_kernel,
+    m_bucket,
+    num_sms,
+    split_options,
+    splitk_reduce,
+)
+
+FLOAT, INT8, INT4 = 0, 1, 2
+_FMT_BY_BITS = {0: FLOAT, 8: INT8, 4: INT4}
+
+
+# --------------------------------------------------------------------------------------------
+# Tile decode
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW, stride_s,
+               FMT: tl.constexpr, HAS_ZERO: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr):
+    """Columns [k0, k0 + BK) of BN rows: the kept values v0, v1 (fp32, dequantized) and their
+    positions i0 < i1 in each group of 4, all [BN, BK / 4].
+
+    Metadata word w of a row covers groups 8w..8w+7, group j at bits 4j (low nibble first). For
+    int4, byte j of the codes is exactly group j (low nibble = first kept value)."""
+    BN: tl.constexpr = rows64.shape[0]
+    G: tl.constexpr = BK // 4
+    NW: tl.constexpr = BK // 32
+    words = tl.load(m_ptr + rows64[:, None] * MROW + (k0 // 32 + tl.arange(0, NW))[None, :],
+                    mask=rmask[:, None], other=0)
+    nib = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
+    nib = tl.reshape(nib, (BN, G))
+    i0 = nib & 3
+    i1 = (nib >> 2) & 3
+    if FMT == 2:
+        b = tl.load(v_ptr + rows64[:, None] * VROW + (k0 // 4 + tl.arange(0, G))[None, :],
+                    mask=rmask[:, None], other=0).to(tl.int32)
+        v0 = (b & 0xF).to(tl.float32)
+        v1 = ((b >> 4) & 0xF).to(tl.float32)
+        if not HAS_ZERO:  # symmetric codes are stored offset by 8
+            v0 -= 8.0
+            v1 -= 8.0
+    else:
+        raw = tl.load(v_ptr + rows64[:, None] * VROW + (k0 // 2 + tl.arange(0, 2 * G))[None, :],
+                      mask=rmask[:, None], other=0)
+        v0, v1 = tl.split(tl.reshape(raw.to(tl.float32), (BN, G, 2)))
+    if FMT != 0:
+        # NG scale groups in the tile (NG = 1 when a group spans several tiles).
+        grp = k0 // g + tl.arange(0, NG)
+        s = tl.load(s_ptr + rows64[:, None] * stride_s + grp[None, :], mask=rmask[:, None],
+                    other=0.0).to(tl.float32)
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BN, NG, G // NG)), (BN, G))
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rows64[:, None] * stride_s + grp[None, :], mask=rmask[:, None],
+                        other=0.0).to(tl.float32)
+            z = tl.reshape(tl.broadcast_to(z[:, :, None], (BN, NG, G // NG)), (BN, G))
+            v0 = (v0 - z) * s
+            v1 = (v1 - z) * s
+        else:
+            v0 = v0 * s
+            v1 = v1 * s
+    return v0, v1, i0, i1
+
+
+@triton.jit
+def _quads(x):
+    """[..., BK] -> the 4 columns of each group: x0..x3, each [..., BK / 4] (register moves)."""
+    x = tl.reshape(x, x.shape[:-1] + (x.shape[-1] // 4, 2, 2))
+    e, o = tl.split(x)
+    x0, x2 = tl.split(e)
+    x1, x3 = tl.split(o)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _dense_tile(v0, v1, i0, i1):
+    """[BN, G] kept values and positions -> the dense [BN, 4 G] tile (zeros where pruned)."""
+    BN: tl.constexpr = v0.shape[0]
+    BK: tl.constexpr = v0.shape[1] * 4
+    w0 = tl.where(i0 == 0, v0, 0.0)
+    w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, 0.0))
+    w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, 0.0))
+    w3 = tl.where(i1 == 3, v1, 0.0)
+    # join(join(w0, w2), join(w1, w3))[..., a, b] = w[2a + b]: the reshape puts w_p at 4j + p.
+    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BN, BK))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, g, VROW, MROW, stride_s, stride_xm, ITERS,
+    FMT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """out[m, n] = sum over kept k of x[m, k] w[n, k]; per group only 2 products per row."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    offs_m = tl.arange(0, BM)
+    mmask = offs_m < M
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BK)[None, :]
+    acc = tl.zeros((BM, BN, BK // 4), tl.float32)
+    it0 = pid_k * ITERS
+    for step in tl.range(0, ITERS, num_stages=STAGES):
+        k0 = (it0 + step) * BK
+        v0, v1, i0, i1 = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
+                                    stride_s, FMT, HAS_ZERO, BK, NG)
+        x0, x1, x2, x3 = _quads(tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
+                                .to(tl.float32))
+        x0, x1, x2, x3 = x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :]
+        a0 = i0[None, :, :]
+        a1 = i1[None, :, :]
+        # i0 is 0, 1 or 2 and i1 is 1, 2 or 3 (i0 < i1): two selects each.
+        xs0 = tl.where(a0 == 0, x0, tl.where(a0 == 1, x1, x2))
+        xs1 = tl.where(a1 == 3, x3, tl.where(a1 == 2, x2, x1))
+        acc += v0[None, :, :] * xs0 + v1[None, :, :] * xs1
+    y = tl.sum(acc, axis=2)
+    out_offs = offs_m[:, None] * N + rows[None, :]
+    omask = mmask[:, None] & rmask[None, :]
+    if PARTIAL:
+        tl.store(out_ptr + pid_k * M * N + out_offs, y, mask=omask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _dot_kernel(
+    x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, g, VROW, MROW, stride_s, stride_xm, ITERS,
+    FMT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr,
+    STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """The tile expanded to dense [BN, BK] in registers, rounded to x's dtype, then tl.dot.
+    DOT_F32 runs the dot on fp32 copies (fp32 x, and the interpreter, whose bf16 dot is wrong)."""
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    mmask = offs_m < M
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BK)[None, :]
+    acc = tl.zeros((BM, BN), tl.float32)
+    it0 = pid_k * ITERS
+    for step in tl.range(0, ITERS, num_stages=STAGES):
+        k0 = (it0 + step) * BK
+        v0, v1, i0, i1 = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
+                                    stride_s, FMT, HAS_ZERO, BK, NG)
+        w = _dense_tile(v0, v1, i0, i1).to(DTYPE)
+        xt = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
+        if DOT_F32:
+            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(w), acc)
+    out_offs = offs_m[:, None] * N + rows[None, :]
+    omask = mmask[:, None] & rmask[None, :]
+    if PARTIAL:
+        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=omask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _expand_kernel(v_ptr, m_ptr, s_ptr, z_ptr, out_ptr, N, K, g, VROW, MROW, stride_s,
+                   FMT: tl.constexpr, HAS_ZERO: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   NG: tl.constexpr):
+    """One dense [BN, BK] tile of the weight, in out's dtype."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    v0, v1, i0, i1 = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
+                                stride_s, FMT, HAS_ZERO, BK, NG)
+    w = _dense_tile(v0, v1, i0, i1)
+    tl.store(out_ptr + rows64[:, None] * K + k0 + tl.arange(0, BK)[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configurations
+# --------------------------------------------------------------------------------------------
+
+
+class SparseCfg(NamedTuple):
+    """Kernel ("gemv" or "dot"), block sizes (rows of x, rows of w, logical k), warps, stages,
+    K split."""
+
+    kind: str
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+    split: int = 1
+
+
+# GEMV: a warp streams 256-512 logical columns (256-512 bytes of bf16 kept values) of a few rows
+# per step; its registers hold BM x BN x BK/4 partial sums, so wider M takes narrower tiles.
+_GEMV_TILES = {
+    1: (SparseCfg("gemv", 1, 8, 512, 2, 3), SparseCfg("gemv", 1, 16, 256, 2, 3),
+        SparseCfg("gemv", 1, 8, 256, 1, 3), SparseCfg("gemv", 1, 4, 1024, 4, 2),
+        SparseCfg("gemv", 1, 16, 512, 4, 2)),
+    2: (SparseCfg("gemv", 2, 8, 256, 2, 3), SparseCfg("gemv", 2, 16, 256, 4, 2)),
+    4: (SparseCfg("gemv", 4, 8, 256, 2, 3), SparseCfg("gemv", 4, 8, 256, 4, 2)),
+    8: (SparseCfg("gemv", 8, 4, 256, 2, 3), SparseCfg("gemv", 8, 8, 128, 2, 3)),
+    16: (SparseCfg("gemv", 16, 4, 128, 2, 3),),
+}
+_DOT_TILES = (SparseCfg("dot", 16, 64, 128, 4, 4), SparseCfg("dot", 16, 32, 256, 4, 4),
+              SparseCfg("dot", 16, 128, 128, 4, 3), SparseCfg("dot", 16, 64, 256, 4, 3))
+_DOT_TILES_64 = (SparseCfg("dot", 32, 64, 128, 4, 4), SparseCfg("dot", 64, 64, 128, 4, 3),
+                 SparseCfg("dot", 64, 128, 64, 4, 4))
+EXPAND_THEN_DENSE = "expand-then-dense"
+CUSPARSELT = "cusparselt"
+SMALL_M = 64  # at and below: the kernels above; above: expand + cuBLAS vs cuSPARSELt
+
+
+def _fit(cfg: SparseCfg, k: int, g: int) -> SparseCfg:
+    return cfg._replace(bk=fit_k_block(cfg.bk, k, g, 64))
+
+
+def candidates(x: torch.Tensor, n: int, k: int, g: int, fmt: int) -> list:
+    m = x.shape[0]
+    cands: list = []
+    if m <= 16:
+        for cfg in _GEMV_TILES[m_bucket(m)]:
+            cfg = _fit(cfg, k, g)
+            programs = triton.cdiv(n, cfg.bn) * cfg.warps
+            cands += [cfg._replace(split=s)
+                      for s in split_options(programs, k // cfg.bk, 8 * num_sms(x))]
+    if 1 < m <= SMALL_M:
+        for cfg in (_DOT_TILES if m <= 16 else _DOT_TILES_64):
+            cfg = _fit(cfg, k, g)
+            tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
+            cands += [cfg._replace(split=s)
+                      for s in split_options(tiles, k // cfg.bk, 2 * num_sms(x))]
+    if m > 16:
+        cands.append(EXPAND_THEN_DENSE)
+    if (m > SMALL_M and fmt == FLOAT and x.dtype in (torch.bfloat16, torch.float16)
+            and x.is_cuda and cusparselt_runs(x.device.index or 0, x.dtype)):
+        cands.append(CUSPARSELT)
+    return list(dict.fromkeys(cands))
+
+
+class _Weights(NamedTuple):
+    values: torch.Tensor
+    meta_words: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    fmt: int
+    has_zero: bool
+    g: int
+
+
+def _kernel_launch(cfg: SparseCfg, compile_only: bool, x: torch.Tensor, w: _Weights,
+                   bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    (m, k), n = x.shape, out.shape[1]
+    dest = out if cfg.split == 1 else torch.empty(
+        (cfg.split, m, n), device=out.device, dtype=torch.float32)
+    ng = max(1, cfg.bk // w.g)
+    iters = k // cfg.bk // cfg.split
+    common = (x, w.values, w.meta_words, w.scale, w.zero, bias if bias is not None else out, dest,
+              m, n, w.g, w.values.stride(0), w.meta_words.stride(0), w.scale.stride(0),
+              x.stride(0), iters)
+    meta = dict(FMT=w.fmt, HAS_ZERO=w.has_zero, HAS_BIAS=bias is not None,
+                PARTIAL=cfg.split > 1, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, NG=ng,
+                STAGES=cfg.stages, num_warps=cfg.warps)
+    if cfg.kind == "gemv":
+        launch_kernel(_gemv_kernel, (triton.cdiv(n, cfg.bn), cfg.split), compile_only,
+                      *common, **meta)
+    else:
+        grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split)
+        dot_f32 = x.dtype == torch.float32 or x.device.type != "cuda"
+        launch_kernel(_dot_kernel, grid, compile_only, *common, DOT_F32=dot_f32, **meta)
+    if cfg.split > 1 and not compile_only:
+        splitk_reduce(dest, bias, out)
+
+
+def expand_weight(w: _Weights, k: int, dtype: torch.dtype,
+                  compile_only: bool = False) -> torch.Tensor:
+    """The dense [N, K] weight in `dtype` (same numbers the kernels multiply with)."""
+    n = w.values.shape[0]
+    bk = fit_k_block(256, k, w.g, 64)
+    bn = 32
+    out = torch.empty((n, k), device=w.values.device, dtype=dtype)
+    grid = (triton.cdiv(n, bn), k // bk)
+    launch_kernel(_expand_kernel, grid, compile_only, w.values, w.meta_words, w.scale, w.zero,
+                  out, n, k, w.g, w.values.stride(0), w.meta_words.stride(0), w.scale.stride(0),
+                  FMT=w.fmt, HAS_ZERO=w.has_zero, BN=bn, BK=bk, NG=max(1, bk // w.g),
+                  num_warps=4)
+    return out
+
+
+def _expand_then_dense(compile_only: bool, x, w: _Weights, bias, out) -> None:
+    dense = expand_weight(w, x.shape[1], x.dtype, compile_only)
+    if compile_only:
+        return
+    if bias is None:
+        torch.mm(x, dense.t(), out=out)
+    else:
+        torch.addmm(bias.to(x.dtype), x, dense.t(), out=out)
+
+
+# cuSPARSELt keeps its own compressed copy of a weight; it is built when the tuner first times
+# that candidate and dropped again if it loses, so only layers that use it pay the memory. The
+# entry holds the kept values, so their address cannot be reused while it lives, and the key
+# has their version counters, so an in-place load into the weight invalidates it.
+_CSLT_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _cslt_key(w: _Weights, dtype: torch.dtype) -> tuple:
+    return (w.values.data_ptr(), w.meta_words.data_ptr(), tuple(w.values.shape), dtype,
+            w.values._version, w.meta_words._version)
+
+
+@functools.cache
+def cusparselt_runs(device_index: int, dtype: torch.dtype) -> bool:
+    """Whether torch's semi-structured sparse matmul runs here (it needs cuSPARSELt and a
+    supported GPU); probed once on a small 2:4 matrix."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        dev = torch.device("cuda", device_index)
+        w = torch.tensor([1.0, 0.0, 0.0, 1.0], device=dev, dtype=dtype).repeat(128, 32)
+        x = torch.ones(64, 128, device=dev, dtype=dtype)
+        y = torch.nn.functional.linear(x, to_sparse_semi_structured(w))
+        return bool(torch.allclose(y.float(), x.float() @ w.float().t()))
+    except Exception:  # any failure (no cuSPARSELt, unsupported GPU or dtype) means "no"
+        return False
+
+
+def _cusparselt(compile_only: bool, x, w: _Weights, bias, out) -> None:
+    if compile_only:
+        return
+    key = _cslt_key(w, x.dtype)
+    entry = _CSLT_CACHE.get(key)
+    if entry is None:
+        from torch.sparse import to_sparse_semi_structured
+
+        entry = (to_sparse_semi_structured(expand_weight(w, x.shape[1], x.dtype)), w.values)
+        _CSLT_CACHE[key] = entry
+    y = torch.nn.functional.linear(x, entry[0], None if bias is None else bias.to(x.dtype))
+    out.copy_(y)
+
+
+TUNER = Tuner()
+_SETTLED: set = set()  # keys whose choice is made (the cuSPARSELt copy is kept only if it won)
+
+
+def launch(cand, compile_only: bool, x: torch.Tensor, w: _Weights,
+           bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Run (or only compile) one candidate: a SparseCfg, EXPAND_THEN_DENSE or CUSPARSELT."""
+    if cand == EXPAND_THEN_DENSE:
+        _expand_then_dense(compile_only, x, w, bias, out)
+    elif cand == CUSPARSELT:
+        _cusparselt(compile_only, x, w, bias, out)
+    else:
+        _kernel_launch(cand, compile_only, x, w, bias, out)
+
+
+def pack_weights(values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor | None,
+                 zero: torch.Tensor | None, bits: int, k: int) -> _Weights:
+    """The stored fields as the kernels read them (metadata as int32 words)."""
+    fmt = _FMT_BY_BITS[bits]
+    assert k % 64 == 0 and meta.shape[1] * 8 == k, (k, meta.shape)
+    values = values.contiguous()
+    if fmt == FLOAT:
+        scale = zero = values  # unused pointers
+        g = k
+    else:
+        g = k // scale.shape[1]
+        assert g * scale.shape[1] == k and g % 4 == 0, (k, scale.shape)
+        scale = scale.contiguous()
+    has_zero = zero is not None and fmt == INT4
+    zero = zero.contiguous() if has_zero else scale
+    return _Weights(values, meta.contiguous().view(torch.int32), scale, zero, fmt, has_zero, g)
+
+
+def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                scale: torch.Tensor | None, zero: torch.Tensor | None,
+                bias: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """x [M, K] @ expand(kept values, meta)^T (+ bias). `bits` 0: float values [N, K/2];
+    8: int8 codes [N, K/2]; 4: packed int4 codes [N, K/4]; scales (and int4 zeros) [N, K/g]."""
+    m, k = x.shape
+    assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
+    w = pack_weights(values, meta, scale, zero, bits, k)
+    n = values.shape[0]
+    x = x if x.stride(1) == 1 else x.contiguous()
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    key = ("sparse24", w.fmt, w.has_zero, x.dtype, m_bucket(m), n, k, w.g)
+    first = key not in _SETTLED
+    TUNER.run(key, candidates(x, n, k, w.g, w.fmt),
+              lambda c, co: launch(c, co, x, w, bias, out), x.device)
+    if first:
+        _SETTLED.add(key)
+        if TUNER.chosen().get(key) != CUSPARSELT:
+            _CSLT_CACHE.pop(_cslt_key(w, x.dtype), None)
+    return out

@@ -1,0 +1,220 @@
+"""Adam and AdamW with 8-bit, 4-bit or fp8 moments.
+
+| class | first moment | second moment | block | state bytes / param |
+|---|---|---|---|---|
+| `AdamW8bit`, `Adam8bit` | dynamic8 | dynamic8_unsigned | 256 | 2 + 8/256 = 2.03 |
+| `AdamW4bit`, `Adam4bit` | quantile4 | linear4_unsigned | 128 | 1 + 8/128 = 1.06 |
+| `AdamWFp8`, `AdamFp8` | fp8 e4m3 | fp8 e4m3 (never 0) | 256 | 2 + 8/256 = 2.03 |
+
+(`codes.py` documents the code books.) Parameters with fewer than `min_quantize_numel`
+elements (norms, biases: a negligible share of bytes, but sensitive) keep float32 moments.
+
+Hyperparameters, param groups, closures and learning-rate schedulers behave as in
+`torch.optim.AdamW`; clip gradients with `torch.nn.utils.clip_grad_norm_` before `step()` as
+usual. FSDP2 (DTensor) parameters are updated shard by shard: each state is a DTensor
+wrapping the local shard's `QuantizedState`, so it shards, saves and loads like the param.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from lowbit.optim.functional import adam_step_, state_fields
+from lowbit.optim.state import QuantizedState, is_dtensor
+
+_COMPILED: dict[tuple[str, str], object] = {}
+
+
+def _fused_step(m_codec: str, v_codec: str):
+    """`adam_step_` compiled with dynamic shapes, so one graph serves every parameter size of
+    a dtype. Each codec pair gets its own copy of the code object: Dynamo's recompile limit
+    (8 graphs) counts per code object, and a process that uses several low-bit optimizers
+    (a benchmark, a test run) would otherwise exhaust it."""
+    key = (m_codec, v_codec)
+    if key not in _COMPILED:
+        code = adam_step_.__code__.replace(co_name=f"adam_step_{m_codec}_{v_codec}")
+        fn = types.FunctionType(code, adam_step_.__globals__, code.co_name)
+        _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=True)
+    return _COMPILED[key]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+class _LowBitAdam(torch.optim.Optimizer):
+    m_codec: ClassVar[str]
+    v_codec: ClassVar[str]
+    decoupled: ClassVar[bool]
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float | None = None,
+        *,
+        min_quantize_numel: int = 4096,
+        fused: bool | None = None,
+        bf16_stochastic_round: bool = False,
+    ) -> None:
+        """fused: run the update through `torch.compile` (default: on CUDA parameters only).
+        bf16_stochastic_round: round bfloat16 parameters stochastically after the fp32 update,
+        so small updates are not lost (useful when there is no fp32 master copy)."""
+        if weight_decay is None:
+            weight_decay = 1e-2 if self.decoupled else 0.0
+        if not 0.0 <= lr:
+            raise ValueError(f"invalid learning rate {lr}: must be >= 0")
+        if not 0.0 <= eps:
+            raise ValueError(f"invalid eps {eps}: must be >= 0")
+        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+            raise ValueError(f"invalid betas {betas}: need two values in [0, 1)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"invalid weight_decay {weight_decay}: must be >= 0")
+        if min_quantize_numel < 0:
+            raise ValueError(f"min_quantize_numel must be >= 0, got {min_quantize_numel}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.min_quantize_numel = min_quantize_numel
+        self.fused = fused
+        self.bf16_stochastic_round = bf16_stochastic_round
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.is_complex():
+                raise ValueError(
+                    f"{type(self).__name__} does not support complex parameters (got a "
+                    f"{p.dtype} parameter of shape {tuple(p.shape)}); view it as real with "
+                    "torch.view_as_real"
+                )
+            if not p.is_floating_point():
+                raise ValueError(f"{type(self).__name__} needs floating-point parameters, "
+                                 f"got {p.dtype}")
+
+    # ---- state ---------------------------------------------------------------------------
+    def _new_moment(self, p: torch.Tensor, codec: str) -> torch.Tensor:
+        local = _local(p)
+        if local.numel() < self.min_quantize_numel:
+            return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        q = QuantizedState.zeros(local.shape, codec, local.device)
+        if is_dtensor(p):
+            from torch.distributed.tensor import DTensor
+
+            return DTensor.from_local(
+                q, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
+        return q
+
+    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+        state["exp_avg"] = self._new_moment(p, self.m_codec)
+        state["exp_avg_sq"] = self._new_moment(p, self.v_codec)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As `Optimizer.load_state_dict`, but states keep their dtype (float32 or quantized):
+        the stock loader casts them to each parameter's dtype, which would round fp32 moments
+        of bf16 parameters and break resume equality."""
+        groups = state_dict["param_groups"]
+        super().load_state_dict({"state": {}, "param_groups": groups})
+        saved_ids = [i for g in groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(i)
+            if saved is None:
+                continue
+            device = _local(p).device
+            self.state[p] = {
+                k: (v.to(device=device) if k == "step" else v.to(device=p.device))
+                for k, v in saved.items()
+            }
+
+    # ---- the step ------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            hypers: dict[torch.device, torch.Tensor] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(
+                        f"{type(self).__name__} does not support sparse gradients; use "
+                        "torch.optim.SparseAdam or a dense embedding"
+                    )
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                local = _local(p)
+                if local.numel() == 0:
+                    continue
+                dev = local.device
+                if dev not in hypers:
+                    b1, b2 = group["betas"]
+                    vals = [float(group["lr"]), b1, b2, group["eps"], group["weight_decay"]]
+                    hypers[dev] = torch.tensor(vals, dtype=torch.float32, device=dev)
+                if state["step"].device != dev:
+                    state["step"] = state["step"].to(dev)
+                m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+                quantized = isinstance(m, QuantizedState)
+                fused = local.is_cuda if self.fused is None else self.fused
+                # Small fp32-state tensors run eagerly (negligible work; no extra graphs).
+                # Flat, non-Parameter views: one compiled graph then serves every shape
+                # (Dynamo keeps Parameter shapes static and would recompile per shape).
+                if fused and quantized and local.is_contiguous():
+                    fn, target = _fused_step(m.codec, v.codec), local.detach().view(-1)
+                else:
+                    fn, target = adam_step_, local
+                fn(
+                    target, _local(p.grad).reshape(-1), state["step"], hypers[dev],
+                    state_fields(m), state_fields(v),
+                    m.codec if quantized else None, v.codec if quantized else None,
+                    self.decoupled, self.bf16_stochastic_round,
+                )
+        return loss
+
+
+class AdamW8bit(_LowBitAdam):
+    """AdamW with 8-bit dynamic-code moments, blocks of 256 (2.03 bytes/param)."""
+
+    m_codec, v_codec, decoupled = "dynamic8", "dynamic8_unsigned", True
+
+
+class AdamW4bit(_LowBitAdam):
+    """AdamW with 4-bit moments (normal-quantile first, linear zero-free second), blocks of 128
+    (1.06 bytes/param)."""
+
+    m_codec, v_codec, decoupled = "quantile4", "linear4_unsigned", True
+
+
+class AdamWFp8(_LowBitAdam):
+    """AdamW with float8 e4m3 moments and a scale per 256 values (2.03 bytes/param)."""
+
+    m_codec, v_codec, decoupled = "fp8", "fp8_unsigned", True
+
+
+class Adam8bit(AdamW8bit):
+    """Adam (L2 weight decay added to the gradient) with AdamW8bit's states."""
+
+    decoupled = False
+
+
+class Adam4bit(AdamW4bit):
+    """Adam (L2 weight decay added to the gradient) with AdamW4bit's states."""
+
+    decoupled = False
+
+
+class AdamFp8(AdamWFp8):
+    """Adam (L2 weight decay added to the gradient) with AdamWFp8's states."""
+
+    decoupled = False

@@ -1,0 +1,29 @@
+"""Low-precision training: fp8 training linears, their recipes and FSDP2 support.
+
+    from lowbit.training import convert_to_float8_training
+    summary = convert_to_float8_training(model, "rowwise", lambda m, fqn: fqn != "output")
+"""
+
+from lowbit.training.convert import (
+    Float8TrainingSummary,
+    convert_to_float8_training,
+    convert_to_linear,
+    why_not_fp8,
+)
+from lowbit.training.float8_linear import Float8TrainingLinear, float8_linear
+from lowbit.training.fp8_gemm import cast_fp8, emulated_scaled_mm, scaled_mm
+from lowbit.training.recipes import RECIPE_NAMES, Float8TrainingRecipe
+
+__all__ = [
+    "RECIPE_NAMES",
+    "Float8TrainingLinear",
+    "Float8TrainingRecipe",
+    "Float8TrainingSummary",
+    "cast_fp8",
+    "convert_to_float8_training",
+    "convert_to_linear",
+    "emulated_scaled_mm",
+    "float8_linear",
+    "scaled_mm",
+    "why_not_fp8",
+]

@@ -1,0 +1,114 @@
+"""Swap a model's linears for fp8 training linears, and back.
+
+`convert_to_float8_training` never converts silently wrong: a linear the fp8 GEMM cannot take
+(feature counts not multiples of 16, a non-float or quantized weight) stays as it is, and the
+returned summary names it with the reason. Parameters are reused, not copied, so optimizers
+built before the conversion, tied weights and state_dict keys are unaffected.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.training.float8_linear import Float8TrainingLinear
+from lowbit.training.fp8_gemm import FP8_GEMM_ALIGN
+from lowbit.training.recipes import Float8TrainingRecipe, as_recipe
+
+ModuleFilter = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class Float8TrainingSummary:
+    """What a conversion did: converted modules (name -> recipe) and skipped ones (-> reason)."""
+
+    converted: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} linears, skipped {len(self.skipped)}"]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def why_not_fp8(linear: nn.Linear) -> str | None:
+    """The reason `linear` cannot train with fp8 GEMMs, or None."""
+    if isinstance(linear, Float8TrainingLinear):
+        return "already a Float8TrainingLinear"
+    weight = linear.weight
+    if type(weight.data) is not torch.Tensor:
+        return f"weight is a {type(weight.data).__name__}, not a plain tensor"
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"weight dtype {weight.dtype} is not float32/bfloat16/float16"
+    bad = {
+        name: size
+        for name, size in (("in_features", linear.in_features), ("out_features",
+                                                                   linear.out_features))
+        if size % FP8_GEMM_ALIGN
+    }
+    if bad:
+        sizes = ", ".join(f"{name}={size}" for name, size in bad.items())
+        return f"fp8 GEMMs need in/out features divisible by {FP8_GEMM_ALIGN} ({sizes})"
+    return None
+
+
+def _set_child(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def convert_to_float8_training(
+    model: nn.Module,
+    recipe: str | Float8TrainingRecipe = "tensorwise",
+    module_filter: ModuleFilter | None = None,
+    *,
+    eval_fp8: bool = True,
+) -> Float8TrainingSummary:
+    """Make the chosen nn.Linear layers of `model` train with fp8 GEMMs, in place.
+
+    recipe: "tensorwise", "rowwise", "rowwise_with_gw_hp" or a Float8TrainingRecipe.
+    module_filter(module, fqn) -> bool picks among the nn.Linear modules (default: all).
+    eval_fp8: eval-mode forward in fp8 (True) or in the weight's precision (False).
+    Returns a summary; skipped layers are also reported in one warning.
+    """
+    recipe = as_recipe(recipe)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model)}")
+    if isinstance(model, nn.Linear):
+        raise TypeError("convert the module that holds the linear (the root cannot be swapped)")
+    summary = Float8TrainingSummary()
+    swaps = []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if module_filter is not None and not module_filter(module, fqn):
+            continue
+        reason = why_not_fp8(module)
+        if reason is not None:
+            summary.skipped[fqn] = reason
+            continue
+        swaps.append((fqn, Float8TrainingLinear.from_linear(module, recipe, eval_fp8)))
+        summary.converted[fqn] = recipe.name
+    for fqn, new in swaps:
+        _set_child(model, fqn, new)
+    if summary.skipped:
+        names = ", ".join(f"{n} ({r})" for n, r in summary.skipped.items())
+        warnings.warn(f"float8 training skipped {len(summary.skipped)} linears: {names}",
+                      stacklevel=2)
+    return summary
+
+
+def convert_to_linear(model: nn.Module) -> list[str]:
+    """Turn every Float8TrainingLinear in `model` back into a plain nn.Linear sharing the same
+    parameters (for export, inference quantization or saving); returns the names swapped."""
+    swaps = [(fqn, m.to_linear()) for fqn, m in model.named_modules()
+             if isinstance(m, Float8TrainingLinear)]
+    if any(fqn == "" for fqn, _ in swaps):
+        raise TypeError("the root module is a Float8TrainingLinear: call its to_linear()")
+    for fqn, new in swaps:
+        _set_child(model, fqn, new)
+    return [fqn for fqn, _ in swaps]

@@ -1,0 +1,134 @@
+"""Triton 2:4 kernels against the reference (expand + F.linear).
+
+Without a GPU they run under TRITON_INTERPRET=1 (set before Triton is imported) on tiny
+shapes, one launch configuration of each kernel at a time; the ``cuda`` tests run the full
+dispatch (tuner included) on Llama-3-8B layer shapes.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from lowbit.kernels import sparse_ops  # noqa: E402
+from lowbit.kernels.triton import sparse24 as tk  # noqa: E402
+from lowbit.sparsity import Sparse24Weight, magnitude_mask  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETED:
+    from triton.runtime import interpreter
+
+    # Triton 3.6's interpreter hands loop bounds to int() as 1-element arrays, which NumPy >= 2.4
+    # refuses (tests/kernels/test_triton_kernels.py patches the same way).
+    _orig = interpreter._patch_lang_tensor
+    if not getattr(_orig, "_lowbit_patched", False):
+        def _patched(tensor, scope):
+            _orig(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        _patched._lowbit_patched = True
+        interpreter._patch_lang_tensor = _patched
+elif not torch.cuda.is_available():
+    pytest.skip("compiled Triton kernels need CUDA", allow_module_level=True)
+DEVICE = "cpu" if INTERPRETED else "cuda"
+# One rounding of the output to x's dtype (a whole ulp under the interpreter, which truncates),
+# plus, for the tensor-core path, the weight rounded to x's dtype before the dot.
+UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+
+def make(n, k, bits, g, dtype, zero="int"):
+    w = torch.randn(n, k, device=DEVICE) * 0.05
+    return Sparse24Weight.from_dense(w.to(dtype), magnitude_mask(w), bits, g, zero=zero)
+
+
+def check(y, x, sw, bias):
+    """|y - x @ W^T| <= (K 2^-24 + 2u) sum|x w| + u |y_ref|: fp32 accumulation of K products,
+    the weight rounded to x's dtype (tensor-core path) and the output rounding (u one ulp,
+    doubled under the interpreter)."""
+    u = UNIT[x.dtype] * (2 if INTERPRETED else 1)
+    w = sw.dequantize(torch.float32)
+    ref = x.float() @ w.T + (0 if bias is None else bias.float())
+    bound = (x.float().abs() @ w.abs().T) * (x.shape[1] * 2.0**-24 + 2 * u) + ref.abs() * u
+    err = (y.float() - ref).abs()
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert bool((err <= bound + 1e-6).all()), f"max excess {(err - bound).max().item():.3g}"
+
+
+def run_cfg(cfg, x, sw, bias):
+    w = tk.pack_weights(sw.values, sw.meta, sw.scale, sw.zero, sw.bits, x.shape[1])
+    out = torch.empty(x.shape[0], sw.shape[0], device=x.device, dtype=x.dtype)
+    tk.launch(cfg, False, x, w, bias, out)
+    return out
+
+
+CASES = [  # (bits, g, zero, dtype)
+    (0, 128, "int", torch.bfloat16),
+    (4, 64, "int", torch.bfloat16),
+    (4, 128, "float", torch.float16),
+    (8, 32, "int", torch.float32),
+]
+
+
+@pytest.mark.parametrize(("bits", "g", "zero", "dtype"), CASES)
+@pytest.mark.parametrize("cfg", [
+    tk.SparseCfg("gemv", 1, 8, 128, 1, 1),
+    tk.SparseCfg("gemv", 4, 4, 64, 1, 1, split=2),
+    tk.SparseCfg("dot", 16, 16, 64, 1, 1),
+])
+def test_kernels_small(bits, g, zero, dtype, cfg):
+    n, k = 24, 128
+    m = 1 if cfg.bm == 1 else 3
+    sw = make(n, k, bits, g, dtype, zero)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    check(run_cfg(cfg, x, sw, bias), x, sw, bias)
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_dispatch_entry_point(m):
+    """sparse24_mm end to end: layout checks, candidate list, and the first candidate (what the
+    tuner runs untimed off the GPU): the GEMV at M = 1, a tensor-core tile at M = 20."""
+    sw = make(24, 128, 4, 64, torch.bfloat16)
+    x = torch.randn(m, 128, device=DEVICE).to(torch.bfloat16)
+    cands = tk.candidates(x, 24, 128, 64, tk.INT4)
+    assert cands[0].kind == ("gemv" if m == 1 else "dot")
+    assert (tk.EXPAND_THEN_DENSE in cands) == (m > 16)
+    check(tk.sparse24_mm(x, sw.values, sw.meta, sw.scale, sw.zero, None, 4), x, sw, None)
+
+
+@pytest.mark.parametrize(("bits", "g", "zero", "dtype"), CASES)
+def test_expand_matches_reference(bits, g, zero, dtype):
+    """The dense weight the large-M path multiplies with is the reference's weight, bit for bit
+    (both decode in fp32 and round once to the output dtype; the interpreter truncates that
+    rounding, so there the fp32 values are compared)."""
+    sw = make(16, 128, bits, g, dtype, zero)
+    out_dtype = torch.float32 if INTERPRETED else dtype
+    w = tk.pack_weights(sw.values, sw.meta, sw.scale, sw.zero, sw.bits, 128)
+    dense = tk.expand_weight(w, 128, out_dtype)
+    ref = sparse_ops.expand(sw.kept(torch.float32), sw.meta, 128).to(out_dtype)
+    assert torch.equal(dense, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full size on the GPU: the whole dispatch (GEMV, dot, expand + cuBLAS, cuSPARSELt)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED, reason="full-size layers need the compiled kernels")
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 1024])
+@pytest.mark.parametrize("bits", [0, 4, 8])
+def test_full_size(m, bits):
+    k, n = 4096, 14336
+    sw = make(n, k, bits, 128, torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    y = torch.nn.functional.linear(x, sw)
+    ref = x.float() @ sw.dequantize(torch.float32).T
+    sqnr = 10 * torch.log10(ref.pow(2).sum() / (y.float() - ref).pow(2).sum())
+    # bf16 output rounding alone gives ~50 dB; 40 leaves room for bf16 weights in the dot.
+    assert sqnr.item() > 40

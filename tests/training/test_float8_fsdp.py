@@ -1,0 +1,88 @@
+"""FSDP2 (fully_shard) over fp8 training linears equals the unsharded run, on CPU with gloo.
+
+Two processes each train on their own batch. The reference, computed in every process, runs
+the same converted model unsharded on both batches and averages the gradients, which is what
+data-parallel training means. fp8 casts see the same full weight in both runs, the all-gather
+is exact and averaging two gradients is one float32 addition and an exact halving, so the
+losses and the parameters after each step must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
+
+from lowbit.models.llama import ModelArgs, Transformer, init_weights
+from lowbit.training import convert_to_float8_training
+
+WORLD = 2
+STEPS = 2
+RECIPES = ("tensorwise", "rowwise")
+
+
+def _batch(rank: int, step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randint(0, 256, (2, 16), generator=gen)
+
+
+def _loss(model, tokens):
+    logits = model(tokens[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def _check_recipe(rank: int, recipe: str) -> None:
+    model = Transformer(ModelArgs.from_name("tiny"))
+    init_weights(model, seed=0)
+    convert_to_float8_training(model, recipe)
+    reference = copy.deepcopy(model)
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    for step in range(STEPS):
+        loss = _loss(model, _batch(rank, step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref_losses = []
+        for r in range(WORLD):
+            ref_loss = _loss(reference, _batch(r, step)) / WORLD
+            ref_loss.backward()  # gradients accumulate: their sum is the average
+            ref_losses.append(ref_loss * WORLD)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        assert torch.equal(loss.detach(), ref_losses[rank].detach()), (recipe, step)
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.full_tensor(), ref.detach()), (recipe, name)
+
+
+def _worker(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        for recipe in RECIPES:
+            _check_recipe(rank, recipe)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+def test_fully_shard_matches_unsharded():
+    # spawn, not fork: earlier tests (torch.compile) leave threads behind, and forking a
+    # process with threads can deadlock the children.
+    mp.start_processes(_worker, args=(_free_port(),), nprocs=WORLD, start_method="spawn")
