@@ -221,12 +221,17 @@ def main() -> None:
         print(f"{method:<12}{label:<26}{row['wiki_ppl']:>9}{row['news_ppl']:>9}"
               f"{row['quantize_seconds']:>8}s", flush=True)
         del q
+        _write(args, rows)  # after every row: a long run that is stopped keeps what it measured
     if args.torchao:
         rows += run_torchao(model, batches, heldout)
+        _write(args, rows)
+    print(f"wrote {args.out}")
+
+
+def _write(args, rows: list[dict]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"conditions": _conditions(args), "note": NOTE,
                                     "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
