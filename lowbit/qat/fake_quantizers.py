@@ -36,6 +36,7 @@ from lowbit.formats import (
     quantize,
     quantize_fp8,
 )
+from lowbit.formats.mx import mx_fake_quantize, nvfp4_fake_quantize
 from lowbit.kernels import reference as ref
 from lowbit.qat.ste import exact_forward_linear, learned_scale_fake_quantize, straight_through
 from lowbit.quantize.configs import (
@@ -49,6 +50,7 @@ from lowbit.quantize.configs import (
     QuantConfig,
 )
 from lowbit.quantize.handlers import quantize_weight
+from lowbit.quantize.mx_configs import MXWeightOnly, NVFP4WeightOnly
 from lowbit.tensors import IntWeight, LowbitTensor
 
 
@@ -271,3 +273,26 @@ def _float8_weight_only(c: Float8WeightOnly) -> FakeQuantizer:
 def _float8_dynamic(c: Float8DynamicActivationFloat8Weight) -> FakeQuantizer:
     per_row = not isinstance(c.granularity, PerTensor)
     return Float8FakeQuantizer(c, c.granularity, "e4m3", per_row)
+
+
+class CodecFakeQuantizer(FakeQuantizer):
+    """Weight-only formats whose codec has a one-call round trip (`formats.mx`): the forward
+    uses exactly the values the stored tensor decodes to."""
+
+    def __init__(self, config: QuantConfig, round_trip: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> None:
+        super().__init__(config)
+        self.round_trip = round_trip
+
+    def fake_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return straight_through(w, self.round_trip(w.detach()))
+
+
+@register_fake_quantizer(MXWeightOnly)
+def _mx_weight_only(c: MXWeightOnly) -> FakeQuantizer:
+    return CodecFakeQuantizer(c, lambda w: mx_fake_quantize(w, c.elem, c.scale_mode))
+
+
+@register_fake_quantizer(NVFP4WeightOnly)
+def _nvfp4_weight_only(c: NVFP4WeightOnly) -> FakeQuantizer:
+    return CodecFakeQuantizer(c, nvfp4_fake_quantize)

@@ -21,6 +21,8 @@ from lowbit.quantize import (
     Int8DynamicActivationInt8Weight,
     Int8WeightOnly,
     IntxWeightOnly,
+    MXWeightOnly,
+    NVFP4WeightOnly,
     quantize_,
 )
 from lowbit.tensors import LowbitTensor
@@ -39,6 +41,10 @@ CONFIGS = [
     Float8WeightOnly(fp8_format="e5m2"),
     Float8DynamicActivationFloat8Weight(),
     Float8DynamicActivationFloat8Weight(granularity=PerTensor()),
+    MXWeightOnly("fp4_e2m1"),
+    MXWeightOnly("fp6_e2m3", "rceil"),
+    MXWeightOnly("fp8_e4m3"),
+    NVFP4WeightOnly(),
 ]
 
 
