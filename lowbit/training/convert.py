@@ -61,6 +61,40 @@ def _set_child(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
+def swap_linears(
+    model: nn.Module,
+    module_filter: ModuleFilter | None,
+    why_not: Callable[[nn.Linear], str | None],
+    make: Callable[[nn.Linear], nn.Module],
+    what: str,
+) -> tuple[list[str], dict[str, str]]:
+    """Replace each chosen nn.Linear that `why_not` accepts with `make(linear)`, in place.
+
+    Returns (converted names, skipped name -> reason); the skips also go to one warning that
+    names `what` (the training mode). Shared by the fp8 and MX conversions."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model)}")
+    if isinstance(model, nn.Linear):
+        raise TypeError("convert the module that holds the linear (the root cannot be swapped)")
+    swaps, skipped = [], {}
+    for fqn, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if module_filter is not None and not module_filter(module, fqn):
+            continue
+        reason = why_not(module)
+        if reason is not None:
+            skipped[fqn] = reason
+            continue
+        swaps.append((fqn, make(module)))
+    for fqn, new in swaps:
+        _set_child(model, fqn, new)
+    if skipped:
+        names = ", ".join(f"{n} ({r})" for n, r in skipped.items())
+        warnings.warn(f"{what} skipped {len(skipped)} linears: {names}", stacklevel=3)
+    return [fqn for fqn, _ in swaps], skipped
+
+
 def convert_to_float8_training(
     model: nn.Module,
     recipe: str | Float8TrainingRecipe = "tensorwise",
@@ -76,30 +110,12 @@ def convert_to_float8_training(
     Returns a summary; skipped layers are also reported in one warning.
     """
     recipe = as_recipe(recipe)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model)}")
-    if isinstance(model, nn.Linear):
-        raise TypeError("convert the module that holds the linear (the root cannot be swapped)")
-    summary = Float8TrainingSummary()
-    swaps = []
-    for fqn, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if module_filter is not None and not module_filter(module, fqn):
-            continue
-        reason = why_not_fp8(module)
-        if reason is not None:
-            summary.skipped[fqn] = reason
-            continue
-        swaps.append((fqn, Float8TrainingLinear.from_linear(module, recipe, eval_fp8)))
-        summary.converted[fqn] = recipe.name
-    for fqn, new in swaps:
-        _set_child(model, fqn, new)
-    if summary.skipped:
-        names = ", ".join(f"{n} ({r})" for n, r in summary.skipped.items())
-        warnings.warn(f"float8 training skipped {len(summary.skipped)} linears: {names}",
-                      stacklevel=2)
-    return summary
+    converted, skipped = swap_linears(
+        model, module_filter, why_not_fp8,
+        lambda linear: Float8TrainingLinear.from_linear(linear, recipe, eval_fp8),
+        "float8 training",
+    )
+    return Float8TrainingSummary(dict.fromkeys(converted, recipe.name), skipped)
 
 
 def convert_to_linear(model: nn.Module) -> list[str]:

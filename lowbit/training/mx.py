@@ -14,7 +14,6 @@ swapped, as in `lowbit.training`'s fp8 conversion, whose call shape this mirrors
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats import mx
+from lowbit.training.convert import swap_linears
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 
@@ -179,26 +179,8 @@ def convert_to_mx_training(
     summary and one warning.
     """
     recipe = as_mx_recipe(recipe)
-    if isinstance(model, nn.Linear):
-        raise TypeError("convert the module that holds the linear (the root cannot be swapped)")
-    summary = MXTrainingSummary()
-    swaps = []
-    for fqn, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if module_filter is not None and not module_filter(module, fqn):
-            continue
-        reason = why_not_mx(module)
-        if reason is not None:
-            summary.skipped[fqn] = reason
-            continue
-        swaps.append((fqn, MXTrainingLinear.from_linear(module, recipe)))
-        summary.converted[fqn] = recipe.name
-    for fqn, new in swaps:
-        parent, _, child = fqn.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
-    if summary.skipped:
-        names = ", ".join(f"{n} ({r})" for n, r in summary.skipped.items())
-        warnings.warn(f"MX training skipped {len(summary.skipped)} linears: {names}",
-                      stacklevel=2)
-    return summary
+    converted, skipped = swap_linears(
+        model, module_filter, why_not_mx,
+        lambda linear: MXTrainingLinear.from_linear(linear, recipe), "MX training",
+    )
+    return MXTrainingSummary(dict.fromkeys(converted, recipe.name), skipped)
