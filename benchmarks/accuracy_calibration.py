@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.eval import load_smollm2, load_text, perplexity
+from lowbit.eval import heldout_ids, load_smollm2, load_text, perplexity
 from lowbit.formats import PerGroup
 from lowbit.quantize import (
     AWQ,
@@ -191,12 +191,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     model, tokenizer = load_smollm2()
-    heldout = {
-        c: torch.tensor(
-            tokenizer(load_text(c, "heldout")[:400_000], add_special_tokens=False)["input_ids"]
-        )
-        for c in CORPORA
-    }
+    heldout = {c: heldout_ids(tokenizer, c) for c in CORPORA}
     batches = calibration_batches(tokenizer, args.calib_seqs, args.calib_len)
     only = {m.lower() for m in args.only} if args.only else None
     rows = []

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.eval import load_smollm2, load_text, perplexity
+from lowbit.eval import heldout_ids, load_smollm2, perplexity
 from lowbit.quantize import (
     Float8DynamicActivationFloat8Weight,
     Float8WeightOnly,
@@ -105,12 +105,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     model, tokenizer = load_smollm2()
-    heldout = {
-        c: torch.tensor(
-            tokenizer(load_text(c, "heldout")[:400_000], add_special_tokens=False)["input_ids"]
-        )
-        for c in CORPORA
-    }
+    heldout = {c: heldout_ids(tokenizer, c) for c in CORPORA}
     rows = []
     for label, config in ROWS + _torchao_rows():
         if args.only and config is not None and not any(

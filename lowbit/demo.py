@@ -64,15 +64,14 @@ def run_demo(
     windows: int = 4,
     record: str | Path | None = None,
 ) -> list[DemoRow]:
-    from lowbit.eval import load_smollm2, load_text
+    from lowbit.eval import heldout_ids, load_smollm2
 
     torch.manual_seed(0)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     print("loading SmolLM2-135M-Instruct (fp32) and the held-out Wikipedia slice ...")
     base, tokenizer = load_smollm2()
-    text = load_text("wiki", "heldout")[:400_000]
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = heldout_ids(tokenizer, "wiki")
     rows = [_measure("fp32", base, ids, out / "fp32.safetensors", windows)]
     _print_row(rows[-1], rows[0])
     for name in configs:

@@ -3,7 +3,12 @@ embedding similarity."""
 
 from lowbit.eval.corpora import CORPORA, SPLITS, cache_dir, load_documents, load_text
 from lowbit.eval.embeddings import embed, embedding_similarity, load_minilm
-from lowbit.eval.perplexity import PerplexityResult, heldout_perplexity, perplexity
+from lowbit.eval.perplexity import (
+    PerplexityResult,
+    heldout_ids,
+    heldout_perplexity,
+    perplexity,
+)
 from lowbit.eval.smollm import load_smollm2
 
 __all__ = [
@@ -13,6 +18,7 @@ __all__ = [
     "cache_dir",
     "embed",
     "embedding_similarity",
+    "heldout_ids",
     "heldout_perplexity",
     "load_documents",
     "load_minilm",

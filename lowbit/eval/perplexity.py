@@ -118,6 +118,13 @@ def perplexity(
     return PerplexityResult(math.exp(total_nll / scored), scored, windows.shape[0])
 
 
+def heldout_ids(tokenizer: Any, corpus: str = "wiki", chars: int = 400_000) -> torch.Tensor:
+    """Token ids of the first `chars` characters of a corpus's held-out split (the slice the
+    accuracy tables score), tokenized once so several models can share it."""
+    text = load_text(corpus, "heldout")[:chars]
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def heldout_perplexity(
     model: nn.Module, tokenizer: Any, corpus: str = "wiki", **kw: Any
 ) -> PerplexityResult:
