@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BF16_TFLOPS, conditions, write_result  # noqa: E402
+from common import BF16_TFLOPS, RESULTS, conditions, write_result  # noqa: E402
 
 from lowbit.models import ModelArgs, Transformer, init_weights  # noqa: E402
 from lowbit.training import convert_to_float8_training, float8_linear  # noqa: E402
@@ -106,7 +106,23 @@ def sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
     return math.inf if noise == 0 else 10 * math.log10(ref.double().pow(2).mean().item() / noise)
 
 
-def run(variant: str, args: ModelArgs, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def write_profile(variant: str, model, opt, batches) -> None:
+    """Kernel time table of two steps (CUDA time, top 40) to results/profile_<variant>.txt:
+    where a recipe's time goes (GEMMs vs casts vs layout copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(2):
+            train_step(model, opt, batches[i % 4])
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40,
+                                      max_name_column_width=90)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"profile_{variant}.txt").write_text(table)
+
+
+def run(variant: str, args: ModelArgs, batch: int, seq: int, steps: int, warmup: int,
+        profile: bool = False) -> dict:
     torch._dynamo.reset()
     model = build(variant, args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -139,6 +155,8 @@ def run(variant: str, args: ModelArgs, batch: int, seq: int, steps: int, warmup:
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "compile_and_warmup_s": compile_s,
     }
+    if profile:
+        write_profile(variant, model, opt, batches)
     del model, opt
     gc.collect()
     torch.cuda.empty_cache()
@@ -154,6 +172,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default="fp8_training")
+    p.add_argument("--profile", action="store_true", help="also write a kernel-time table")
     opts = p.parse_args()
     variants = opts.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
@@ -165,7 +184,7 @@ def main() -> None:
     rows = []
     for variant in variants:
         try:
-            row = run(variant, args, opts.batch, opts.seq, opts.steps, opts.warmup)
+            row = run(variant, args, opts.batch, opts.seq, opts.steps, opts.warmup, opts.profile)
         except Exception as e:  # one failing variant (e.g. torchao missing) keeps the others
             row = {"variant": variant, "error": f"{type(e).__name__}: {e}"[:500]}
             gc.collect()

@@ -17,30 +17,20 @@ wrapping the local shard's `QuantizedState`, so it shards, saves and loads like 
 
 from __future__ import annotations
 
-import types
+import importlib.util
+import os
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 
+from lowbit.optim.codes import get_codec
 from lowbit.optim.functional import adam_step_, state_fields
-from lowbit.optim.state import QuantizedState, is_dtensor
+from lowbit.optim.state import QuantizedState, is_dtensor, shared_table
 
-_COMPILED: dict[tuple[str, str], object] = {}
-
-
-def _fused_step(m_codec: str, v_codec: str):
-    """`adam_step_` compiled with dynamic shapes, so one graph serves every parameter size of
-    a dtype. Each codec pair gets its own copy of the code object: Dynamo's recompile limit
-    (8 graphs) counts per code object, and a process that uses several low-bit optimizers
-    (a benchmark, a test run) would otherwise exhaust it."""
-    key = (m_codec, v_codec)
-    if key not in _COMPILED:
-        code = adam_step_.__code__.replace(co_name=f"adam_step_{m_codec}_{v_codec}")
-        fn = types.FunctionType(code, adam_step_.__globals__, code.co_name)
-        _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=True)
-    return _COMPILED[key]
-
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Blocks of a fused step whose moments are both float32 (small parameters).
+_FLOAT32_BLOCK = 1024
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
@@ -63,7 +53,8 @@ class _LowBitAdam(torch.optim.Optimizer):
         fused: bool | None = None,
         bf16_stochastic_round: bool = False,
     ) -> None:
-        """fused: run the update through `torch.compile` (default: on CUDA parameters only).
+        """fused: run the update as one Triton kernel per parameter (default: on CUDA
+        parameters; True on CPU only under TRITON_INTERPRET=1, for tests).
         bf16_stochastic_round: round bfloat16 parameters stochastically after the fp32 update,
         so small updates are not lost (useful when there is no fp32 master copy)."""
         if weight_decay is None:
@@ -135,6 +126,64 @@ class _LowBitAdam(torch.optim.Optimizer):
             }
 
     # ---- the step ------------------------------------------------------------------------
+    def _use_fused(self, p: torch.Tensor, grad: torch.Tensor) -> bool:
+        """The Triton kernel takes contiguous, 16-byte aligned p and grad (a view at an odd
+        offset, rare, takes the plain path)."""
+        if self.fused is False or not (p.is_contiguous() and grad.is_contiguous()):
+            return False
+        if HAS_TRITON and (p.is_cuda or self.fused):
+            from lowbit.kernels.triton.adam import aligned
+
+            if not (aligned(p) and aligned(grad)):
+                return False
+        if p.is_cuda:
+            return HAS_TRITON
+        if self.fused and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"{type(self).__name__}(fused=True) runs a Triton kernel: it needs CUDA "
+                f"parameters (got {p.device}); use fused=None or False on this device"
+            )
+        return bool(self.fused)
+
+    @staticmethod
+    def _fused_moment(state: torch.Tensor) -> tuple[object, tuple]:
+        """(MomentFormat, (codes, scale)) of one moment for the fused kernel."""
+        from lowbit.kernels.triton.adam import BOOK4, BOOK8, FLOAT32, FP8, MomentFormat
+
+        if not isinstance(state, QuantizedState):
+            return MomentFormat(FLOAT32), (state, None)
+        spec = get_codec(state.codec)
+        if spec.kind == "fp8":
+            return MomentFormat(FP8, spec.positive), (state.codes.view(torch.uint8), state.scale)
+        fmt = MomentFormat(BOOK4 if spec.bits == 4 else BOOK8, spec.positive, spec.lut_bits,
+                           spec.lut_first_cell, state.book, shared_table(spec, state.device))
+        return fmt, (state.codes, state.scale)
+
+    def _fused_steps(self, work: list, hyper: dict) -> None:
+        """One multi-tensor step increment, then one Triton launch per kind of parameter
+        (dtype, moment formats, device): typically two, the quantized and the small ones."""
+        from lowbit.kernels.triton.adam import FusedParam, fused_adam_step_
+
+        torch._foreach_add_([state["step"] for _, _, state in work], 1.0)
+        launches: dict[tuple, tuple] = {}
+        for local, grad, state in work:
+            m_state = _local(state["exp_avg"])
+            m_fmt, m = self._fused_moment(m_state)
+            v_fmt, v = self._fused_moment(_local(state["exp_avg_sq"]))
+            block = (m_state.spec.block if isinstance(m_state, QuantizedState)
+                     else _FLOAT32_BLOCK)
+            # Formats hold shared code-book tensors: key on their identity.
+            key = (local.device, local.dtype, grad.dtype, block,
+                   tuple(map(id, m_fmt)), tuple(map(id, v_fmt)))
+            entry = launches.setdefault(key, (m_fmt, v_fmt, block, []))
+            entry[3].append(FusedParam(local.detach(), grad, state["step"], m, v))
+        for m_fmt, v_fmt, block, params in launches.values():
+            seed = None
+            if self.bf16_stochastic_round and params[0].p.dtype == torch.bfloat16:
+                seed = int(torch.randint(0, 2**31 - 1, ()))
+            fused_adam_step_(params, hyper[params[0].p.device], m_fmt, v_fmt, block=block,
+                             decoupled=self.decoupled, stochastic_bf16_seed=seed)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -143,6 +192,7 @@ class _LowBitAdam(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             hypers: dict[torch.device, torch.Tensor] = {}
+            fused_work = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -154,7 +204,7 @@ class _LowBitAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
-                local = _local(p)
+                local, grad = _local(p), _local(p.grad)
                 if local.numel() == 0:
                     continue
                 dev = local.device
@@ -164,22 +214,19 @@ class _LowBitAdam(torch.optim.Optimizer):
                     hypers[dev] = torch.tensor(vals, dtype=torch.float32, device=dev)
                 if state["step"].device != dev:
                     state["step"] = state["step"].to(dev)
+                if self._use_fused(local, grad):
+                    fused_work.append((local, grad, state))
+                    continue
                 m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
                 quantized = isinstance(m, QuantizedState)
-                fused = local.is_cuda if self.fused is None else self.fused
-                # Small fp32-state tensors run eagerly (negligible work; no extra graphs).
-                # Flat, non-Parameter views: one compiled graph then serves every shape
-                # (Dynamo keeps Parameter shapes static and would recompile per shape).
-                if fused and quantized and local.is_contiguous():
-                    fn, target = _fused_step(m.codec, v.codec), local.detach().view(-1)
-                else:
-                    fn, target = adam_step_, local
-                fn(
-                    target, _local(p.grad).reshape(-1), state["step"], hypers[dev],
+                adam_step_(
+                    local, grad.reshape(-1), state["step"], hypers[dev],
                     state_fields(m), state_fields(v),
                     m.codec if quantized else None, v.codec if quantized else None,
                     self.decoupled, self.bf16_stochastic_round,
                 )
+            if fused_work:
+                self._fused_steps(fused_work, hypers)
         return loss
 
 

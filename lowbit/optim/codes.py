@@ -31,6 +31,7 @@ Block sizes: 256 for 8-bit and fp8 (4 bytes of scale per 256 values = 0.016 byte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from statistics import NormalDist
 
@@ -69,6 +70,7 @@ class StateCodec:
     book: tuple[float, ...] = ()
     positive: bool = False
     lut_bits: int = 0  # mantissa bits of `nearest_code`'s table (set by `_codebook`)
+    lut_first_cell: int = 0  # smaller magnitudes share this cell (set by `_codebook`)
 
     def book_tensor(self, device: torch.device | str) -> torch.Tensor:
         return torch.tensor(self.book, dtype=torch.float32, device=device)
@@ -94,7 +96,7 @@ def _signed_dynamic(bits: int) -> tuple[float, ...]:
 
 
 def table_tensor(codec: StateCodec, device: torch.device | str) -> torch.Tensor:
-    return _cell_table(codec.book, codec.lut_bits).to(device)
+    return _cell_table(codec.book, codec.lut_bits, codec.lut_first_cell).to(device)
 
 
 def _cells(bits: int) -> torch.Tensor:
@@ -104,11 +106,12 @@ def _cells(bits: int) -> torch.Tensor:
     return (c << (23 - bits)).to(torch.int32).view(torch.float32)
 
 
-def _cell_table(book: tuple[float, ...], bits: int) -> torch.Tensor | None:
+def _cell_table(book: tuple[float, ...], bits: int, first: int = 0) -> torch.Tensor | None:
     """float32 [2, 2 * cells]: per (sign, cell) row 0 = how many midpoints lie below the cell,
-    row 1 = the one midpoint inside it (+inf if none). None if a cell holds two midpoints."""
+    row 1 = the one midpoint inside it (+inf if none). None if a cell holds two midpoints.
+    Cells below `first` are left out: `nearest_code` maps their values to cell `first`."""
     mids = (lambda b: (b[1:] + b[:-1]) * 0.5)(torch.tensor(book, dtype=torch.float32))
-    low = _cells(bits)
+    low = _cells(bits)[first:]
     high = torch.cat([low[1:], low.new_tensor([2.0])])
     base, mid = [], []
     # Positive cells are [low, high), negative ones (-high, -low]: count the midpoints below
@@ -124,11 +127,21 @@ def _cell_table(book: tuple[float, ...], bits: int) -> torch.Tensor | None:
     return torch.stack([torch.cat(base), torch.cat(mid)])
 
 
+def first_cell(book: tuple[float, ...], bits: int) -> int:
+    """The first cell of the binade two below the smallest |midpoint|: no midpoint lies
+    between 0 and it, so every smaller magnitude can share it. Dropping the cells below keeps
+    the table small enough for a GPU's L1 cache (the 8-bit books reach down to 1e-9 only)."""
+    mids = (lambda b: (b[1:] + b[:-1]) * 0.5)(torch.tensor(book, dtype=torch.float64))
+    smallest = mids.abs().min().item()
+    exponent = max(0, math.floor(math.log2(smallest)) + 127 - 2)  # biased float32 exponent
+    return exponent << bits
+
+
 def lookup_table(codec: StateCodec) -> tuple[int, torch.Tensor]:
     """(mantissa bits, cell table) for a code book: the fewest bits (the smallest table)
     whose cells each hold at most one midpoint."""
     for bits in range(4, 13):
-        table = _cell_table(codec.book, bits)
+        table = _cell_table(codec.book, bits, first_cell(codec.book, bits))
         if table is not None:
             return bits, table
     raise ValueError(f"code book {codec.name} has midpoints closer than 2^-12 relative")
@@ -142,11 +155,11 @@ def nearest_code(y: torch.Tensor, codec: StateCodec, table: torch.Tensor) -> tor
     float's sign, exponent and top mantissa bits pick a cell; the table says how many
     midpoints lie below the cell and which single one lies inside it. Two gathers and one
     comparison, all elementwise, so it also fuses under compile."""
-    bits = codec.lut_bits
-    ncell = 128 << bits
+    bits, first = codec.lut_bits, codec.lut_first_cell
+    ncell = (128 << bits) - first
     raw = y.view(torch.int32)
-    cell = ((raw & 0x7FFFFFFF) >> (23 - bits)).clamp(max=ncell - 1) + (raw < 0).int() * ncell
-    cell = cell.long()
+    cell = ((raw & 0x7FFFFFFF) >> (23 - bits)).clamp(first, (128 << bits) - 1) - first
+    cell = (cell + (raw < 0).int() * ncell).long()
     return table[0].take(cell) + (y > table[1].take(cell)).float()
 
 
@@ -166,18 +179,20 @@ def encode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[n_blocks, block] float32 -> (codes, scale [n_blocks, 1] float32).
 
-    Codes: uint8 (two 4-bit codes per byte, low nibble first) or float8_e4m3fn. A `positive`
+    Values are scaled by the reciprocal of the block's scale (one division per block, as the
+    fused kernel does). Codes: uint8 (two 4-bit codes per byte, low nibble first) or
+    float8_e4m3fn. A `positive`
     codec (second moments) never decodes to zero: fp8 clamps to its smallest subnormal, the
     code books have no zero."""
     scale = xb.abs().amax(dim=1, keepdim=True)
     if codec.kind == "fp8":
         scale = (scale / E4M3_MAX).clamp(min=MIN_SCALE)
-        y = xb / scale
+        y = xb * (1 / scale)
         lo = E4M3_MIN_SUBNORMAL if codec.positive else -E4M3_MAX
         y = y.clamp(lo, E4M3_MAX)
         return y.to(torch.float8_e4m3fn), scale
     scale = scale.clamp(min=MIN_SCALE)
-    idx = nearest_code(xb / scale, codec, table).to(torch.uint8)
+    idx = nearest_code(xb * (1 / scale), codec, table).to(torch.uint8)
     if codec.bits == 4:
         idx = idx[:, 0::2] | (idx[:, 1::2] << 4)
     return idx, scale
@@ -199,7 +214,8 @@ def _codebook(
     name: str, bits: int, block: int, book: tuple[float, ...], positive: bool = False
 ) -> StateCodec:
     codec = StateCodec(name, "codebook", bits, block, book, positive)
-    return replace(codec, lut_bits=lookup_table(codec)[0])
+    lut_bits = lookup_table(codec)[0]
+    return replace(codec, lut_bits=lut_bits, lut_first_cell=first_cell(book, lut_bits))
 
 
 CODECS: dict[str, StateCodec] = {

@@ -1,13 +1,13 @@
 """One Adam(W) step of one parameter, on plain tensors: decode -> update -> encode.
 
-The same function is the plain-PyTorch path (CPU, tests) and, wrapped in `torch.compile`, the
-fused GPU path: Inductor turns it into kernels that read each state's codes and scales once
-and write them once, with the parameter and gradient read in the same pass. Everything a
-step needs that may change (lr, betas, eps, weight decay, the step count) arrives as a
-tensor, so a learning-rate schedule never triggers a recompile, and nothing syncs the host.
+This is the reference and the CPU path; on CUDA the optimizers run the same arithmetic as
+one Triton kernel per parameter (`lowbit.kernels.triton.adam`), which reads each state's
+codes and scales once and writes them once. Everything a step needs that may change (lr,
+betas, eps, weight decay, the step count) arrives as a tensor, so nothing syncs the host.
 
 Order of operations follows `torch.optim.AdamW` (decoupled decay first, then the moments,
-then `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`); `Adam` adds `wd * p` to the gradient.
+then `p -= lr / bc1 * m / (sqrt(v) * (1 / sqrt(bc2)) + eps)`, one division by a scalar
+turned into a multiplication, as the fused kernel does it); `Adam` adds `wd * p` to the gradient.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def adam_step_(
         g = g + wd * pf
     m = _load(m_fields, m_codec, n).lerp(g, 1 - beta1)
     v = _load(v_fields, v_codec, n) * beta2 + (1 - beta2) * g * g
-    denom = v.sqrt() / bc2.sqrt() + eps
+    denom = v.sqrt() * (1 / bc2.sqrt()) + eps
     pf = pf - (lr / bc1) * m / denom
     _store(m_fields, m_codec, m)
     _store(v_fields, v_codec, v)
