@@ -141,6 +141,16 @@ def _store_moment(value, codes_ptr, scale_ptr, table_ptr, rows, offs, in_range, 
 
 
 @triton.jit
+def _moment_pointers(addr, T, KIND: tl.constexpr):
+    """(codes, scale) pointers of one moment: its address row at addr, the scale's one below."""
+    if KIND == 0:
+        codes = tl.load(addr).to(tl.pointer_type(tl.float32))
+    else:
+        codes = tl.load(addr).to(tl.pointer_type(tl.uint8))
+    return tl.multiple_of(codes, 16), tl.load(addr + T).to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
 def _adam_step_kernel(
     addr_ptr, numel_ptr, program_ptr, T, P, hyper_ptr,
     m_book, m_table, v_book, v_table, seed,
@@ -162,18 +172,8 @@ def _adam_step_kernel(
     p_ptr = tl.multiple_of(tl.load(addr_ptr + t).to(tl.pointer_type(P_DTYPE)), 16)
     g_ptr = tl.multiple_of(tl.load(addr_ptr + T + t).to(tl.pointer_type(G_DTYPE)), 16)
     step_ptr = tl.load(addr_ptr + 2 * T + t).to(tl.pointer_type(tl.float32))
-    if M_KIND == 0:
-        m_codes = tl.load(addr_ptr + 3 * T + t).to(tl.pointer_type(tl.float32))
-    else:
-        m_codes = tl.load(addr_ptr + 3 * T + t).to(tl.pointer_type(tl.uint8))
-    m_codes = tl.multiple_of(m_codes, 16)
-    m_scale = tl.load(addr_ptr + 4 * T + t).to(tl.pointer_type(tl.float32))
-    if V_KIND == 0:
-        v_codes = tl.load(addr_ptr + 5 * T + t).to(tl.pointer_type(tl.float32))
-    else:
-        v_codes = tl.load(addr_ptr + 5 * T + t).to(tl.pointer_type(tl.uint8))
-    v_codes = tl.multiple_of(v_codes, 16)
-    v_scale = tl.load(addr_ptr + 6 * T + t).to(tl.pointer_type(tl.float32))
+    m_codes, m_scale = _moment_pointers(addr_ptr + 3 * T + t, T, M_KIND)
+    v_codes, v_scale = _moment_pointers(addr_ptr + 5 * T + t, T, V_KIND)
     n = tl.load(numel_ptr + t)
 
     rows = first_row.to(tl.int64) + tl.arange(0, ROWS)
