@@ -9,8 +9,9 @@ in the same order of float32 operations (correctly rounded division and square r
 corrections from an exact power, the lerp as one fma), so codes agree with the reference
 except where a value sits on a rounding boundary. The state layouts are those of
 `lowbit.optim.codes`: blocks of `BLOCK` values with one float32 absmax scale each; 8-bit codes
-one per byte, 4-bit codes two per byte (low nibble first), fp8 e4m3 as raw bytes (encoded
-with integer arithmetic here, so the kernel also runs, bit-exact, under TRITON_INTERPRET).
+one per byte, 4-bit codes two per byte (low nibble first), fp8 e4m3 as raw bytes. NATIVE
+(on the GPU) uses the hardware fp8 conversions and fma; under TRITON_INTERPRET the same
+results come from integer arithmetic and float64, so the kernel is tested bit-exact on CPU.
 
 State kinds (constexpr): FLOAT32 (a plain fp32 moment, small parameters), BOOK8, BOOK4 (code
 book + the nearest-code cell table of `codes.nearest_code`), FP8.
@@ -54,8 +55,11 @@ def _pow2(e):
 
 
 @triton.jit
-def _e4m3_encode(y):
-    """float32 already in [-448, 448] -> e4m3fn bit patterns (uint8), round to nearest even."""
+def _e4m3_encode(y, NATIVE: tl.constexpr):
+    """float32 already in [-448, 448] -> e4m3fn bit patterns (uint8), round to nearest even:
+    the hardware conversion, or the same in integer arithmetic (the interpreter's is wrong)."""
+    if NATIVE:
+        return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     mag = tl.abs(y)
     exp = ((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     exp = tl.maximum(exp, -6)  # below 2^-6 the quantum is fixed: subnormals
@@ -73,7 +77,9 @@ def _e4m3_encode(y):
 
 
 @triton.jit
-def _e4m3_decode(code):
+def _e4m3_decode(code, NATIVE: tl.constexpr):
+    if NATIVE:
+        return code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     c = code.to(tl.int32)
     exp = (c >> 3) & 15
     man = c & 7
@@ -84,13 +90,13 @@ def _e4m3_decode(code):
 
 @triton.jit
 def _load_moment(codes_ptr, scale_ptr, book_ptr, rows, cols, offs, in_range, row_ok,
-                 KIND: tl.constexpr, BLOCK: tl.constexpr):
+                 KIND: tl.constexpr, BLOCK: tl.constexpr, NATIVE: tl.constexpr):
     if KIND == 0:
         return tl.load(codes_ptr + offs, mask=in_range, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
     in_blocks = row_ok[:, None] & (offs >= 0)
     if KIND == 3:
-        return _e4m3_decode(tl.load(codes_ptr + offs, mask=in_blocks, other=0)) * scale
+        return _e4m3_decode(tl.load(codes_ptr + offs, mask=in_blocks, other=0), NATIVE) * scale
     if KIND == 2:
         byte = rows[:, None] * (BLOCK // 2) + cols[None, :] // 2
         packed = tl.load(codes_ptr + byte, mask=in_blocks, other=0)
@@ -103,7 +109,8 @@ def _load_moment(codes_ptr, scale_ptr, book_ptr, rows, cols, offs, in_range, row
 @triton.jit
 def _store_moment(value, codes_ptr, scale_ptr, table_ptr, rows, offs, in_range, row_ok,
                   KIND: tl.constexpr, POSITIVE: tl.constexpr, LUT_BITS: tl.constexpr,
-                  LUT_FIRST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                  LUT_FIRST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                  NATIVE: tl.constexpr):
     if KIND == 0:
         tl.store(codes_ptr + offs, value, mask=in_range)
     else:
@@ -115,7 +122,7 @@ def _store_moment(value, codes_ptr, scale_ptr, table_ptr, rows, offs, in_range, 
             scale = tl.maximum(tl.div_rn(amax, _E4M3_MAX), _MIN_SCALE)
             y = value * tl.div_rn(1.0, scale)[:, None]
             low = _E4M3_MIN_SUBNORMAL if POSITIVE else -_E4M3_MAX
-            code = _e4m3_encode(tl.minimum(tl.maximum(y, low), _E4M3_MAX))
+            code = _e4m3_encode(tl.minimum(tl.maximum(y, low), _E4M3_MAX), NATIVE)
             tl.store(codes_ptr + offs, code, mask=in_blocks)
         else:
             scale = tl.maximum(amax, _MIN_SCALE)
@@ -160,7 +167,7 @@ def _adam_step_kernel(
     V_KIND: tl.constexpr, V_POSITIVE: tl.constexpr, V_LUT_BITS: tl.constexpr,
     V_LUT_FIRST: tl.constexpr,
     DECOUPLED: tl.constexpr, STOCHASTIC_BF16: tl.constexpr,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, NATIVE: tl.constexpr,
 ):
     """One program = ROWS blocks of one of T parameters. program_ptr [2, P]: each program's
     parameter and first block; addr_ptr [7, T]: the addresses of each parameter's p, grad,
@@ -197,13 +204,18 @@ def _adam_step_kernel(
         p = p * (1.0 - lr * wd)
     else:
         g = g + wd * p
-    m = _load_moment(m_codes, m_scale, m_book, rows, cols, offs, in_range, row_ok, M_KIND, BLOCK)
-    v = _load_moment(v_codes, v_scale, v_book, rows, cols, offs, in_range, row_ok, V_KIND, BLOCK)
+    m = _load_moment(m_codes, m_scale, m_book, rows, cols, offs, in_range, row_ok, M_KIND, BLOCK,
+                     NATIVE)
+    v = _load_moment(v_codes, v_scale, v_book, rows, cols, offs, in_range, row_ok, V_KIND, BLOCK,
+                     NATIVE)
     # torch.lerp(m, g, w) for w < 0.5 is one fused multiply-add, w * (g - m) + m rounded
-    # once; float64 gives the same (the product of two float32 is exact in it) also where
-    # there is no fma instruction (the interpreter).
-    w1 = (1.0 - beta1).to(tl.float64)
-    m = (w1 * (g - m).to(tl.float64) + m.to(tl.float64)).to(tl.float32)
+    # once; where there is no fma instruction (the interpreter) float64 gives the same (the
+    # product of two float32 is exact in it).
+    if NATIVE:
+        m = tl.fma(1.0 - beta1, g - m, m)
+    else:
+        w1 = (1.0 - beta1).to(tl.float64)
+        m = (w1 * (g - m).to(tl.float64) + m.to(tl.float64)).to(tl.float32)
     v = v * beta2 + (1.0 - beta2) * g * g
     # The scalar factors are cast explicitly: the interpreter keeps scalar math in float64.
     inv_root_bc2 = tl.div_rn(1.0, tl.sqrt_rn(bc2)).to(tl.float32)
@@ -211,9 +223,9 @@ def _adam_step_kernel(
     denom = tl.sqrt_rn(v) * inv_root_bc2 + eps
     p = p - tl.div_rn(step_size * m, denom)
     _store_moment(m, m_codes, m_scale, m_table, rows, offs, in_range, row_ok,
-                  M_KIND, M_POSITIVE, M_LUT_BITS, M_LUT_FIRST, ROWS, BLOCK)
+                  M_KIND, M_POSITIVE, M_LUT_BITS, M_LUT_FIRST, ROWS, BLOCK, NATIVE)
     _store_moment(v, v_codes, v_scale, v_table, rows, offs, in_range, row_ok,
-                  V_KIND, V_POSITIVE, V_LUT_BITS, V_LUT_FIRST, ROWS, BLOCK)
+                  V_KIND, V_POSITIVE, V_LUT_BITS, V_LUT_FIRST, ROWS, BLOCK, NATIVE)
     if p_ptr.dtype.element_ty == tl.bfloat16:
         # Round in the integer bits, so the final cast only drops zeros (the interpreter's
         # cast truncates): 16 random bits for stochastic rounding (functional.py says why),
@@ -322,7 +334,7 @@ def fused_adam_step_(
         V_KIND=v_format.kind, V_POSITIVE=v_format.positive, V_LUT_BITS=v_format.lut_bits,
         V_LUT_FIRST=v_format.lut_first,
         DECOUPLED=decoupled, STOCHASTIC_BF16=stochastic_bf16_seed is not None,
-        BLOCK=block, ROWS=rows, num_warps=4,
+        BLOCK=block, ROWS=rows, NATIVE=device.type == "cuda", num_warps=4,
         # No contraction of a * b + c into fma: the reference rounds each product.
         enable_fp_fusion=False,
     )
