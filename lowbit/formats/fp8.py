@@ -32,7 +32,14 @@ def fp8_max(dtype: torch.dtype) -> float:
 def choose_fp8_scale(
     x: torch.Tensor, block_size: tuple[int, ...], dtype: torch.dtype, power_of_2: bool = False
 ) -> torch.Tensor:
-    scale = (block_amax(x, block_size) / fp8_max(dtype)).clamp(min=MIN_SCALE)
+    return fp8_scale_from_amax(block_amax(x, block_size), dtype, power_of_2)
+
+
+def fp8_scale_from_amax(amax: torch.Tensor, dtype: torch.dtype, power_of_2: bool = False
+                        ) -> torch.Tensor:
+    """The scale of a block whose absolute max is `amax` (float32; e.g. reduced across
+    processes, as FSDP's fp8 all-gather does)."""
+    scale = (amax / fp8_max(dtype)).clamp(min=MIN_SCALE)
     if power_of_2:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     return scale

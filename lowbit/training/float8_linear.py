@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.training.fp8_gemm import cast_fp8, float8_scaled_mm
+from lowbit.training.fsdp import Float8GatheredWeight
 from lowbit.training.recipes import Float8TrainingRecipe, as_recipe
 
 
@@ -140,8 +141,14 @@ def float8_linear(
     # The casts are not differentiable: gradients reach x and W through float8_train_mm.
     xq, xs = cast_fp8(x2d.detach(), recipe.forward_dtype, recipe.rowwise,
                       recipe.power_of_2_scales, axis=1)
-    wq, ws = cast_fp8(weight.detach(), recipe.forward_dtype, recipe.rowwise,
-                      recipe.power_of_2_scales, axis=1)
+    if isinstance(weight, Float8GatheredWeight):  # cast before FSDP2's all-gather
+        if recipe.rowwise:
+            raise ValueError("an fp8-all-gathered weight has one scale per tensor; the "
+                             f"{recipe.name} recipe needs per-row scales")
+        wq, ws = weight._data, weight._scale
+    else:
+        wq, ws = cast_fp8(weight.detach(), recipe.forward_dtype, recipe.rowwise,
+                          recipe.power_of_2_scales, axis=1)
     # Autocast does not touch custom op inputs, and the GEMM op disables it for its own math.
     y = float8_train_mm(x2d, weight, xq, xs, wq, ws, recipe.rowwise, recipe.grad_dtype,
                         recipe.power_of_2_scales, recipe.grad_weight_high_precision, out_dtype)

@@ -1,10 +1,13 @@
-"""FSDP2 (fully_shard) over fp8 training linears equals the unsharded run, on CPU with gloo.
+"""FSDP2 (fully_shard) over fp8 training linears equals the unsharded run, on CPU with gloo,
+with weights all-gathered in high precision or (tensorwise) in fp8.
 
 Two processes each train on their own batch. The reference, computed in every process, runs
 the same converted model unsharded on both batches and averages the gradients, which is what
 data-parallel training means. fp8 casts see the same full weight in both runs, the all-gather
 is exact and averaging two gradients is one float32 addition and an exact halving, so the
-losses and the parameters after each step must be bit-identical.
+losses and the parameters after each step must be bit-identical. With the fp8 all-gather the
+shards are cast before the gather with the whole weight's scale (amaxes reduced across
+processes), which gives the very same fp8 weight: still bit-identical.
 """
 
 from __future__ import annotations
@@ -20,11 +23,18 @@ import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
 
 from lowbit.models.llama import ModelArgs, Transformer, init_weights
-from lowbit.training import convert_to_float8_training
+from lowbit.training import (
+    Float8GatheredWeight,
+    convert_to_float8_training,
+    enable_fp8_all_gather,
+    precompute_fp8_scales,
+)
 
 WORLD = 2
 STEPS = 2
-RECIPES = ("tensorwise", "rowwise")
+# (recipe, fp8 all-gather, precomputed scales)
+CASES = (("tensorwise", False, False), ("rowwise", False, False), ("tensorwise", True, True),
+         ("tensorwise", True, False))
 
 
 def _batch(rank: int, step: int) -> torch.Tensor:
@@ -37,14 +47,22 @@ def _loss(model, tokens):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def _check_recipe(rank: int, recipe: str) -> None:
+def _check_recipe(rank: int, recipe: str, fp8_gather: bool, precompute: bool) -> None:
     model = Transformer(ModelArgs.from_name("tiny"))
     init_weights(model, seed=0)
     convert_to_float8_training(model, recipe)
     reference = copy.deepcopy(model)
+    gathered = []
+    if fp8_gather:
+        assert enable_fp8_all_gather(model) > 0
+        for m in model.modules():
+            if hasattr(m, "recipe"):  # record what each fp8 linear's forward receives
+                m.register_forward_pre_hook(lambda mod, _: gathered.append(mod.weight))
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
+    if precompute:
+        precompute_fp8_scales(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
     for step in range(STEPS):
@@ -52,6 +70,8 @@ def _check_recipe(rank: int, recipe: str) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad()
+        if precompute:
+            precompute_fp8_scales(model)
         ref_losses = []
         for r in range(WORLD):
             ref_loss = _loss(reference, _batch(r, step)) / WORLD
@@ -60,6 +80,9 @@ def _check_recipe(rank: int, recipe: str) -> None:
         ref_opt.step()
         ref_opt.zero_grad()
         assert torch.equal(loss.detach(), ref_losses[rank].detach()), (recipe, step)
+    if fp8_gather:  # the layers really received fp8 data from the all-gather
+        assert gathered and all(isinstance(w, Float8GatheredWeight) for w in gathered)
+        assert all(w._data.dtype == torch.float8_e4m3fn for w in gathered)
     for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p.full_tensor(), ref.detach()), (recipe, name)
 
@@ -69,8 +92,8 @@ def _worker(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
-        for recipe in RECIPES:
-            _check_recipe(rank, recipe)
+        for case in CASES:
+            _check_recipe(rank, *case)
     finally:
         dist.destroy_process_group()
 

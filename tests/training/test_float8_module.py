@@ -150,3 +150,34 @@ def test_compile_fullgraph_grads_equal_eager(recipe):
     assert torch.equal(eager[2], x.grad)
     assert torch.equal(eager[1], lin.bias.grad)
     assert eager[0].abs().sum() > 0
+
+
+def test_fp8_all_gather_weights_train_like_plain_weights_without_fsdp():
+    """Wrapped for FSDP's fp8 all-gather but not sharded: the wrapper behaves as the plain
+    weight (same losses and updates, bit for bit), and rowwise layers are left alone."""
+    from lowbit.training import Float8AllGatherWeight, enable_fp8_all_gather
+
+    def model(recipe):
+        m = Transformer(ModelArgs.from_name("tiny"))
+        init_weights(m, seed=0)
+        convert_to_float8_training(m, recipe)
+        return m
+
+    plain, wrapped = model("tensorwise"), model("tensorwise")
+    assert enable_fp8_all_gather(wrapped) > 0
+    assert enable_fp8_all_gather(model("rowwise")) == 0
+    assert any(isinstance(p.data, Float8AllGatherWeight) for p in wrapped.parameters())
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    for m in (plain, wrapped):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        for _ in range(2):
+            logits = m(tokens[:, :-1])
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        m.final_loss = loss.detach()
+    assert torch.equal(plain.final_loss, wrapped.final_loss)
+    for a, b in zip(plain.parameters(), wrapped.parameters()):
+        b = b.data._hp if isinstance(b.data, Float8AllGatherWeight) else b
+        assert torch.equal(a.detach(), b.detach())
