@@ -181,3 +181,26 @@ def test_fp8_all_gather_weights_train_like_plain_weights_without_fsdp():
     for a, b in zip(plain.parameters(), wrapped.parameters()):
         b = b.data._hp if isinstance(b.data, Float8AllGatherWeight) else b
         assert torch.equal(a.detach(), b.detach())
+
+
+def test_fp8_all_gather_weights_compile_fullgraph():
+    """torch.compile (fullgraph) sees through the all-gather wrapper: same output and grads
+    as the eager, unwrapped model."""
+    from lowbit.training import enable_fp8_all_gather
+
+    models = []
+    for wrap in (False, True):
+        m = Transformer(ModelArgs.from_name("tiny"))
+        init_weights(m, seed=0)
+        convert_to_float8_training(m, "tensorwise")
+        if wrap:
+            enable_fp8_all_gather(m)
+            m = torch.compile(m, backend="aot_eager", fullgraph=True)
+        models.append(m)
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    outs = [m(tokens) for m in models]
+    for out in outs:
+        out.float().square().mean().backward()
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a.grad, b.grad)
