@@ -57,6 +57,13 @@ def main() -> None:
     base, tokenizer = load_smollm2(torch.float32)
     texts = {c: load_text(c, "heldout") for c in CORPORA}
     batches = calibration_batches(tokenizer, args.calib_windows, args.seq_len)
+    conditions = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "device": "cpu", "model": "SmolLM2-135M-Instruct (fp32)",
+        "eval": f"held-out wiki and news, {WINDOWS} windows x 1024 tokens",
+        "wanda_calibration": f"wiki train, {args.calib_windows} x {args.seq_len} tokens",
+    }
     rows = []
     for label, cfg in ROWS:
         t0 = time.time()
@@ -80,18 +87,9 @@ def main() -> None:
         print(f"{label:<28} wiki {row['ppl_wiki']:8.3f}  news {row['ppl_news']:8.3f}  "
               f"({row['seconds']:.0f} s)", flush=True)
         del model
-    payload = {
-        "conditions": {
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "device": "cpu", "model": "SmolLM2-135M-Instruct (fp32)",
-            "eval": f"held-out wiki and news, {WINDOWS} windows x 1024 tokens",
-            "wanda_calibration": f"wiki train, {args.calib_windows} x {args.seq_len} tokens",
-        },
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=1))
+        # Written after every row: a long CPU run that stops early keeps what it measured.
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 
 

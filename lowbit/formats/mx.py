@@ -7,8 +7,9 @@ and one float32 scale per tensor.
 
 Codes are uint8 holding the element's bits right-aligned (sign at bit ebits + mbits). Encoding
 rounds to nearest, ties to even, and saturates to +/-max (the spec's "clamp normal numbers");
-only FP8 has NaN (and E5M2 Inf) codes. Everything is computed exactly: exponents come from
-frexp, and dividing by a power of two never rounds.
+only FP8 has NaN (and E5M2 Inf) codes. Everything is computed exactly: element codes come from
+integer arithmetic on the input's bits (`_magnitude_codes`), block exponents from frexp, and
+dividing by a power of two never rounds.
 
 Scale choice (spec section 6.3, "floor"): shared_exp = floor(log2(amax)) - emax_elem, where
 emax_elem is the exponent of the element type's largest normal; values of up to 2x the element
@@ -140,55 +141,101 @@ def _device_table(fmt: ElemFormat, device: torch.device) -> torch.Tensor:
 
 
 def decode_elements(codes: torch.Tensor, fmt: ElemFormat) -> torch.Tensor:
-    """uint8 codes -> float32 values (a table lookup: every code has one value)."""
+    """uint8 codes -> float32 values (a table lookup: every code has one value; index_select
+    is far faster than fancy indexing on CPUs)."""
     if codes.dtype != torch.uint8:
         raise TypeError(f"element codes must be uint8, got {codes.dtype}")
-    return _device_table(fmt, codes.device)[codes.long()]
+    table = _device_table(fmt, codes.device)
+    return table.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
+
+
+# The rounding below is integer arithmetic on the float's bits. Selects are masks (all ones
+# or zeros, from an arithmetic shift of a difference), not torch.where, which is several times
+# slower on CPUs; updates are in place, as fresh full-size buffers cost more than the
+# arithmetic there.
+
+
+def _bits_layout(dtype: torch.dtype) -> tuple[torch.dtype, int, int, int]:
+    """(integer dtype of the same width, its top bit, mantissa bits, exponent bias)."""
+    if dtype == torch.float64:
+        return torch.int64, 63, 52, 1023
+    return torch.int32, 31, 23, 127
+
+
+def _magnitude_codes(mag_bits: torch.Tensor, dtype: torch.dtype, fmt: ElemFormat
+                     ) -> torch.Tensor:
+    """Magnitude codes of |v| (given as its bits) rounded to nearest, ties to even, saturated
+    at the largest finite code (Inf included; NaN gives max too, callers replace it).
+
+    Below 2^emin the grid is one quantum q = 2^(emin - mbits): adding 2^mant * q (its ulp is q)
+    makes the float adder round |v| / q to an integer, ties to even, which then sits in the
+    sum's low bits ("linear"). From 2^emin up, rounding |v|'s own mantissa to mbits bits on
+    the integer (ties to the even result; a carry rolls into the exponent, the next binade)
+    and rebasing the exponent gives the code ("normal"). |v| below 2^emin is lifted to 2^emin
+    first, whose code 2^mbits bounds the linear code there; above it the linear code is never
+    smaller (the grid is never finer than q). So min(linear, normal) is the code everywhere.
+    """
+    int_dtype, _, mant, bias = _bits_layout(dtype)
+    magic_exp = fmt.emin - fmt.mbits + mant
+    linear = (mag_bits.view(dtype) + 2.0**magic_exp).view(int_dtype)
+    linear -= (magic_exp + bias) << mant
+    shift = mant - fmt.mbits
+    normal = mag_bits.clamp(min=(fmt.emin + bias) << mant)
+    odd = (normal >> shift).bitwise_and_(1)
+    normal += (1 << (shift - 1)) - 1 - ((bias - fmt.bias) << mant)  # < 0 first: no overflow
+    normal += odd
+    normal >>= shift
+    return torch.minimum(linear, normal, out=normal).clamp_(max=fmt.max_code)
+
+
+def _from_bits(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """v in its work dtype -> (its bits, |v|'s bits, top bit, the bits of +Inf)."""
+    int_dtype, top_bit, mant, _ = _bits_layout(v.dtype)
+    bits = v.view(int_dtype)
+    inf_bits = ((1 << (top_bit - mant)) - 1) << mant
+    return bits, bits & ((1 << top_bit) - 1), top_bit, inf_bits
 
 
 def round_to_elements(v: torch.Tensor, fmt: ElemFormat) -> torch.Tensor:
     """Round (already scaled) values to the nearest element value, ties to even, saturating.
 
-    NaN stays NaN; +/-Inf becomes Inf for E5M2 and saturates to +/-max otherwise.
+    NaN stays NaN; +/-Inf becomes Inf for E5M2 and saturates to +/-max otherwise. Values
+    are rebuilt from the codes `encode_elements` picks: subnormal ones as code * q, normal
+    ones from their bit fields.
     """
     v = v.to(_work_dtype(v))
-    mag = v.abs()
-    _, exp = torch.frexp(mag)  # mag = frac * 2^exp with frac in [0.5, 1): floor(log2) = exp - 1
-    e = (exp - 1).clamp(min=fmt.emin)
-    quantum = _pow2(e - fmt.mbits, mag.dtype)
-    # mag / quantum is exact (a power of two) and small; torch.round rounds half to even.
-    r = torch.round(mag / quantum) * quantum
-    r = torch.where(mag.isinf(), mag, r).clamp(max=fmt.max)
-    if fmt.special == "ieee":
-        r = torch.where(mag.isinf(), mag, r)
-    return torch.where(v.isnan(), v, torch.copysign(r, v))
+    bits, mag_bits, top_bit, inf_bits = _from_bits(v)
+    int_dtype, _, mant, bias = _bits_layout(v.dtype)
+    code = _magnitude_codes(mag_bits, v.dtype, fmt)
+    normal = torch.sub(code, 1 << fmt.mbits).bitwise_right_shift_(top_bit).bitwise_not_()
+    out = code.to(v.dtype).mul_(2.0 ** (fmt.emin - fmt.mbits)).view(int_dtype)  # code * q
+    code <<= mant - fmt.mbits  # normal codes: move the fields into place, rebase the exponent
+    code += (bias - fmt.bias) << mant
+    out ^= code.bitwise_xor_(out).bitwise_and_(normal)  # select code where normal
+    # Inputs that stay themselves (up to sign): NaN, and for E5M2 Inf too.
+    keep_from = inf_bits if fmt.special == "ieee" else inf_bits + 1
+    keep = torch.sub(keep_from - 1, mag_bits).bitwise_right_shift_(top_bit)
+    out ^= mag_bits.bitwise_xor_(out).bitwise_and_(keep)  # select |v| where keep
+    out |= bits & ~((1 << top_bit) - 1)  # the sign
+    return out.view(v.dtype)
 
 
 def encode_elements(v: torch.Tensor, fmt: ElemFormat) -> torch.Tensor:
-    """Values -> uint8 codes: round (see `round_to_elements`), then read off the bit fields.
+    """Values -> uint8 codes: round to nearest even, saturating (see `round_to_elements`).
 
-    NaN gets the format's NaN code, or 0 for formats without one (the block's NaN scale
-    carries it). -0.0 keeps its sign bit.
+    NaN gets the format's NaN code (all ones, no sign), or 0 for formats without one (the
+    block's NaN scale carries it). -0.0 keeps its sign bit.
     """
-    r = round_to_elements(v, fmt)
-    mag = r.abs()
-    _, exp = torch.frexp(mag)
-    normal = mag >= 2.0**fmt.emin
-    e_field = torch.where(normal, exp - 1 + fmt.bias, torch.zeros_like(exp))
-    step_exp = torch.where(normal, exp - 1, torch.full_like(exp, fmt.emin)) - fmt.mbits
-    m_scaled = (mag / _pow2(step_exp, mag.dtype)).to(torch.int64)
-    m_field = torch.where(normal, m_scaled - (1 << fmt.mbits), m_scaled)
-    code = (e_field.to(torch.int64) << fmt.mbits) | m_field
-    top = (1 << (fmt.ebits + fmt.mbits)) - 1
-    if fmt.special == "ieee":
-        code = torch.where(mag.isinf(), torch.full_like(code, top - (1 << fmt.mbits) + 1), code)
-        code = torch.where(r.isnan(), torch.full_like(code, top), code)
-    elif fmt.special == "nan_max":
-        code = torch.where(r.isnan(), torch.full_like(code, top), code)
-    else:
-        code = torch.where(r.isnan(), torch.zeros_like(code), code)
-    sign = torch.signbit(r) & ~r.isnan()
-    code = code | (sign.to(torch.int64) << (fmt.ebits + fmt.mbits))
+    v = v.to(_work_dtype(v))
+    bits, mag_bits, top_bit, inf_bits = _from_bits(v)
+    code = _magnitude_codes(mag_bits, v.dtype, fmt)
+    if fmt.special == "ieee":  # Inf (and NaN, replaced below) -> the Inf code, max + 1
+        code -= (inf_bits - 1 - mag_bits) >> top_bit
+    sign_pos = fmt.ebits + fmt.mbits
+    code |= (bits >> (top_bit - sign_pos)).bitwise_and_(1 << sign_pos)
+    is_nan = mag_bits.neg_().add_(inf_bits).bitwise_right_shift_(top_bit)  # all ones at NaN
+    nan_code = 0 if fmt.special == "none" else (1 << sign_pos) - 1  # FP8: all ones, no sign
+    code ^= (code ^ nan_code).bitwise_and_(is_nan)
     return code.to(torch.uint8)
 
 
@@ -251,9 +298,8 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _block_amax(xb: torch.Tensor) -> torch.Tensor:
-    """max |x| per block; NaN if the block holds a NaN (amax would skip it)."""
-    amax = xb.abs().amax(-1)
-    return torch.where(xb.isnan().any(-1), torch.nan, amax)
+    """max |x| per block; NaN if the block holds a NaN (torch's max reductions propagate it)."""
+    return xb.abs().amax(-1)
 
 
 def mx_quantize(
@@ -283,13 +329,13 @@ def mx_dequantize(
 def mx_fake_quantize(x: torch.Tensor, elem: str | ElemFormat, mode: str = "floor") -> torch.Tensor:
     """x rounded to MX and back, in x's dtype (the emulation training and activations use).
 
-    Equals mx_dequantize(*mx_quantize(x)) without building codes: rounding on the scaled
-    grid, then rescaling, is what encode + decode compute."""
+    Equals mx_dequantize(*mx_quantize(x)) without storing codes: rounding on the scaled grid,
+    then rescaling, is what encode + decode compute."""
     fmt = elem_format(elem)
     xb = _blocks(x.to(_work_dtype(x)), MX_BLOCK)
     s = e8m0_to_float(choose_e8m0_scale(_block_amax(xb), fmt, mode)).to(xb.dtype)[..., None]
     safe = torch.where(s.isnan(), torch.ones_like(s), s)
-    return (round_to_elements(xb / safe, fmt) * s).reshape(x.shape).to(x.dtype)
+    return round_to_elements(xb / safe, fmt).mul_(s).reshape(x.shape).to(x.dtype)
 
 
 # ---- NVFP4 -----------------------------------------------------------------------------------

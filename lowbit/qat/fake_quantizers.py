@@ -10,7 +10,7 @@ A fake quantizer answers three questions for a layer under QAT:
 
 Every quantizer here repeats its handler's parameters (`lowbit/quantize/handlers.py`);
 tests/qat/test_numerics.py checks each against the handler bit for bit, so they cannot drift.
-New configs (MX, NVFP4, ...) plug in with `register_fake_quantizer`.
+New configs plug in with `register_fake_quantizer`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,16 @@ from lowbit.formats import (
     quantize,
     quantize_fp8,
 )
-from lowbit.formats.mx import mx_fake_quantize, nvfp4_fake_quantize
+from lowbit.formats.mx import (
+    E2M1,
+    elem_format,
+    mx_fake_quantize,
+    mx_quantize,
+    nvfp4_fake_quantize,
+    nvfp4_quantize,
+    pack_elements,
+)
+from lowbit.kernels import mx_ops
 from lowbit.kernels import reference as ref
 from lowbit.qat.ste import exact_forward_linear, learned_scale_fake_quantize, straight_through
 from lowbit.quantize.configs import (
@@ -50,7 +59,12 @@ from lowbit.quantize.configs import (
     QuantConfig,
 )
 from lowbit.quantize.handlers import quantize_weight
-from lowbit.quantize.mx_configs import MXWeightOnly, NVFP4WeightOnly
+from lowbit.quantize.mx_configs import (
+    MXDynamicActivationMXWeight,
+    MXWeightOnly,
+    NVFP4DynamicActivationNVFP4Weight,
+    NVFP4WeightOnly,
+)
 from lowbit.tensors import IntWeight, LowbitTensor
 
 
@@ -296,3 +310,52 @@ def _mx_weight_only(c: MXWeightOnly) -> FakeQuantizer:
 @register_fake_quantizer(NVFP4WeightOnly)
 def _nvfp4_weight_only(c: NVFP4WeightOnly) -> FakeQuantizer:
     return CodecFakeQuantizer(c, nvfp4_fake_quantize)
+
+
+class DynamicCodecFakeQuantizer(CodecFakeQuantizer):
+    """MX x MX and NVFP4 x NVFP4: weights and, per call, activations rounded to the format.
+
+    The forward is `real_linear`: the converted layer's op on the fields its handler stores
+    (the op rounds the activations itself), so the two agree bit for bit. The backward is the
+    float linear at the fake-quantized operands, activations rounded by the same codec call
+    that op makes."""
+
+    def __init__(
+        self,
+        config: QuantConfig,
+        round_trip: Callable[[torch.Tensor], torch.Tensor],
+        act_round_trip: Callable[[torch.Tensor], torch.Tensor],
+        real_linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    ) -> None:
+        super().__init__(config, round_trip)
+        self.act_round_trip = act_round_trip
+        self.real_linear = real_linear
+
+    def linear(self, x, w, bias):
+        x_fq = straight_through(x, self.act_round_trip(x.detach()))
+        y = self.real_linear(x.detach(), w.detach(), None if bias is None else bias.detach())
+        return exact_forward_linear(x_fq, self.fake_weight(w), bias, y)
+
+
+@register_fake_quantizer(MXDynamicActivationMXWeight)
+def _mx_dynamic(c: MXDynamicActivationMXWeight) -> FakeQuantizer:
+    fmt, act = elem_format(c.elem), c.act_elem or c.elem
+
+    def real_linear(x, w, bias):  # MXWeight.from_float's fields, then MXWeight.linear's op
+        codes, scale = mx_quantize(w, fmt, c.scale_mode)
+        return mx_ops.mx_dynamic_linear(x, pack_elements(codes, fmt), scale, bias, c.elem, act,
+                                        c.scale_mode)
+
+    return DynamicCodecFakeQuantizer(c, lambda w: mx_fake_quantize(w, c.elem, c.scale_mode),
+                                     lambda x: mx_fake_quantize(x, act, c.scale_mode),
+                                     real_linear)
+
+
+@register_fake_quantizer(NVFP4DynamicActivationNVFP4Weight)
+def _nvfp4_dynamic(c: NVFP4DynamicActivationNVFP4Weight) -> FakeQuantizer:
+    def real_linear(x, w, bias):  # NVFP4Weight.from_float's fields, then NVFP4Weight.linear's
+        codes, block_scale, tensor_scale = nvfp4_quantize(w)
+        return mx_ops.nvfp4_dynamic_linear(x, pack_elements(codes, E2M1), block_scale,
+                                           tensor_scale, bias)
+
+    return DynamicCodecFakeQuantizer(c, nvfp4_fake_quantize, nvfp4_fake_quantize, real_linear)

@@ -134,8 +134,9 @@ def test_every_representable_value_encodes_to_its_code(name):
     assert got == expect
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", FORMATS)
-def test_rounding_ties_to_even_and_saturation(name):
+def test_rounding_ties_to_even_and_saturation(name, dtype):
     vals = [v for v, _ in spec_values(name)]
     mids = [(a + b) / 2 for a, b in zip(vals, vals[1:])]
     # Exact midpoints (ties), a hair either side of them, past max, and huge values.
@@ -144,12 +145,52 @@ def test_rounding_ties_to_even_and_saturation(name):
         probes += [m, math.nextafter(m, 0), math.nextafter(m, math.inf)]
     vmax = vals[-1]
     probes += [vmax * 1.0001, vmax * 1.5, vmax * 2, 1e30, 3e38, math.inf, 1e-30, 0.0]
-    x = torch.tensor(probes + [-p for p in probes], dtype=torch.float32)
+    if dtype == torch.float64:  # beyond float32's range and precision
+        probes += [1e300, 5e-324, math.nextafter(vals[1] / 2, math.inf)]
+    x = torch.tensor(probes + [-p for p in probes], dtype=dtype)
     expect = [spec_round(name, float(v)) for v in x.tolist()]
     got = mx.round_to_elements(x, mx.ELEM_FORMATS[name])
     assert _same(got, expect)
     assert _same(mx.decode_elements(mx.encode_elements(x, mx.ELEM_FORMATS[name]),
                                     mx.ELEM_FORMATS[name]), expect)
+
+
+def spec_round_many(name: str, x: torch.Tensor) -> torch.Tensor:
+    """`spec_round` for a float64 tensor: brute-force nearest value, ties to the even code.
+
+    Distances are exact where it matters: a tie needs |x| on a midpoint, and the values and
+    midpoints sit on a grid that float64 differences of float32 inputs resolve."""
+    vals = torch.tensor(spec_values(name), dtype=torch.float64)
+    values, odd = vals[:, 0], vals[:, 1].long() & 1
+    mag = x.abs()
+    dist = (mag[:, None] - values[None]).abs()
+    nearest = dist == dist.min(1, keepdim=True).values
+    pick = torch.where(nearest, odd[None], 2).argmin(1)  # among the nearest, the even code
+    r = torch.where(mag >= values[-1], values[-1], values[pick])
+    if name == "e5m2":
+        r = torch.where(mag.isinf(), mag, r)
+    return torch.where(x.isnan(), x, torch.copysign(r, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", FORMATS)
+def test_dense_sweep_matches_spec_model(name, dtype):
+    """Random bit patterns (every exponent from far below the smallest subnormal to far above
+    max, random mantissas and signs), plus NaN/Inf: codes and rounded values."""
+    g = torch.Generator().manual_seed(4)
+    n = 40000
+    emax = math.floor(math.log2(SPEC[name][3]))
+    exps = torch.randint(-40, emax + 4, (n,), generator=g).double()
+    frac = torch.rand(n, generator=g, dtype=torch.float64) + 1
+    x = (frac * torch.exp2(exps) * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)).to(dtype)
+    x = torch.cat([x, torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0],
+                                   dtype=dtype)])
+    fmt = mx.ELEM_FORMATS[name]
+    expect = spec_round_many(name, x.double())
+    assert _same(mx.round_to_elements(x, fmt), expect.tolist())
+    if SPEC[name][5] == "none":  # no NaN code: NaN encodes as 0 (the block scale carries it)
+        expect = torch.where(expect.isnan(), 0.0, expect)
+    assert _same(mx.decode_elements(mx.encode_elements(x, fmt), fmt), expect.tolist())
 
 
 @pytest.mark.parametrize("name", ["e4m3", "e5m2"])

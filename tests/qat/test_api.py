@@ -15,6 +15,8 @@ from lowbit.quantize import (
     Int4WeightOnly,
     Int8DynamicActivationInt4Weight,
     ModuleConfigs,
+    MXDynamicActivationMXWeight,
+    NVFP4DynamicActivationNVFP4Weight,
     QuantConfig,
     quantize_,
 )
@@ -42,6 +44,10 @@ def test_unsupported_configs():
         pass
 
     with pytest.raises(TypeError, match="QAT cannot emulate Mystery.*Supported: .*Int4WeightOnly"):
+        qat.prepare(_mlp(), Mystery())
+    # Every PTQ config with a fixed codec is listed, the dynamic MX / NVFP4 ones included.
+    with pytest.raises(TypeError, match="Supported: .*MXDynamicActivationMXWeight.*"
+                                        "NVFP4DynamicActivationNVFP4Weight"):
         qat.prepare(_mlp(), Mystery())
     with pytest.raises(TypeError, match="QAT cannot emulate GPTQ"):
         qat.prepare(_mlp(), GPTQ(Int4WeightOnly(group_size=32)))
@@ -83,12 +89,13 @@ def test_same_layers_and_skips_as_quantize_():
     assert type(model[0]) is nn.Linear and isinstance(model[2], qat.FakeQuantizedLinear)
 
 
-def test_dynamic_config_skips_embeddings():
+@pytest.mark.parametrize("cfg", [Int8DynamicActivationInt4Weight(group_size=32),
+                                 MXDynamicActivationMXWeight("fp8_e4m3"),
+                                 NVFP4DynamicActivationNVFP4Weight()],
+                         ids=["8da4w", "mxfp8dyn", "nvfp4dyn"])
+def test_dynamic_config_skips_embeddings(cfg):
     model = nn.ModuleDict({"emb": nn.Embedding(10, 32), "fc": nn.Linear(32, 32)})
-    summary = qat.prepare(
-        model, Int8DynamicActivationInt4Weight(group_size=32),
-        lambda m, fqn: isinstance(m, (nn.Linear, nn.Embedding)),
-    )
+    summary = qat.prepare(model, cfg, lambda m, fqn: isinstance(m, (nn.Linear, nn.Embedding)))
     assert "needs an nn.Linear" in summary.skipped["emb"]
     assert set(summary.prepared) == {"fc"}
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lowbit import qat
-from lowbit.formats import PerAxis, PerGroup, PerTensor
+from lowbit.formats import PerAxis, PerGroup, PerTensor, mx
 from lowbit.kernels import reference as ref
 from lowbit.quantize import (
     Float8DynamicActivationFloat8Weight,
@@ -21,7 +21,9 @@ from lowbit.quantize import (
     Int8DynamicActivationInt8Weight,
     Int8WeightOnly,
     IntxWeightOnly,
+    MXDynamicActivationMXWeight,
     MXWeightOnly,
+    NVFP4DynamicActivationNVFP4Weight,
     NVFP4WeightOnly,
     quantize_,
 )
@@ -45,7 +47,15 @@ CONFIGS = [
     MXWeightOnly("fp6_e2m3", "rceil"),
     MXWeightOnly("fp8_e4m3"),
     NVFP4WeightOnly(),
+    MXDynamicActivationMXWeight("fp8_e4m3"),
+    MXDynamicActivationMXWeight("fp6_e3m2", scale_mode="rceil"),
+    MXDynamicActivationMXWeight("fp4_e2m1", act_elem="fp8_e4m3"),
+    NVFP4DynamicActivationNVFP4Weight(),
 ]
+DYNAMIC = {
+    "8da4w": CONFIGS[0], "i8dyn": CONFIGS[8], "f8dyn": CONFIGS[11], "mxfp8dyn": CONFIGS[17],
+    "mxfp6dyn": CONFIGS[18], "mxfp4w8a": CONFIGS[19], "nvfp4dyn": CONFIGS[20],
+}
 
 
 class Tiny(nn.Module):
@@ -117,13 +127,15 @@ def _fake_activation(cfg, x):
     if isinstance(cfg, Int8DynamicActivationInt8Weight):
         q, s = ref.quantize_per_token_int8(x)
         return q.float() * s
+    if isinstance(cfg, MXDynamicActivationMXWeight):
+        return mx.mx_fake_quantize(x, cfg.act_elem or cfg.elem, cfg.scale_mode)
+    if isinstance(cfg, NVFP4DynamicActivationNVFP4Weight):
+        return mx.nvfp4_fake_quantize(x)
     q, s = ref.quantize_fp8_activation(x, per_row=True)
     return q.float() * s
 
 
-@pytest.mark.parametrize(
-    "cfg", [CONFIGS[0], CONFIGS[8], CONFIGS[11]], ids=["8da4w", "i8dyn", "f8dyn"]
-)
+@pytest.mark.parametrize("cfg", DYNAMIC.values(), ids=DYNAMIC.keys())
 def test_gradients_pass_straight_through(cfg):
     """STE: gradients are those of the float linear evaluated at the fake-quantized operands
     (checked against autograd of that float linear)."""
@@ -240,8 +252,9 @@ def test_delayed_start():
         assert torch.equal(model(x), float_out)
 
 
-def test_bf16_weights_bit_identical():
-    cfg = Int8DynamicActivationInt4Weight(group_size=32)
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[17], CONFIGS[20]],
+                         ids=["8da4w", "mxfp8dyn", "nvfp4dyn"])
+def test_bf16_weights_bit_identical(cfg):
     model = Tiny(torch.bfloat16)
     idx = torch.randint(0, 40, (2, 5))
     qat.prepare(model, cfg)
