@@ -42,10 +42,11 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if 8 % bits == 0:
         shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
         return (v << shifts).sum(-1).to(torch.uint8).reshape(*lead, -1)
-    bit_idx = torch.arange(bits, device=codes.device, dtype=torch.int32)
-    stream = ((v.unsqueeze(-1) >> bit_idx) & 1).reshape(*lead, -1, bits, 8)
-    weights = torch.arange(8, device=codes.device, dtype=torch.int32)
-    return (stream << weights).sum(-1).to(torch.uint8).reshape(*lead, -1)
+    # 8 values of `bits` bits fill one 8 * bits <= 56-bit word: build it, then cut it into
+    # bytes (a few whole-tensor ops instead of one per bit).
+    word = (v.to(torch.int64) << _shifts(8, bits, codes.device)).sum(-1, keepdim=True)
+    out = (word >> _shifts(bits, 8, codes.device)) & 0xFF
+    return out.to(torch.uint8).reshape(*lead, -1)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
@@ -59,9 +60,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.
         shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
         out = ((p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(*lead, -1)
     else:
-        weights = torch.arange(8, device=packed.device, dtype=torch.int32)
-        stream = ((p.reshape(*lead, -1, bits, 1) >> weights) & 1).reshape(*lead, -1, 8, bits)
-        bit_idx = torch.arange(bits, device=packed.device, dtype=torch.int32)
-        out = (stream << bit_idx).sum(-1).reshape(*lead, -1)
+        bytes_ = p.to(torch.int64).reshape(*lead, -1, bits)
+        word = (bytes_ << _shifts(bits, 8, packed.device)).sum(-1, keepdim=True)
+        out = ((word >> _shifts(8, bits, packed.device)) & ((1 << bits) - 1)).reshape(*lead, -1)
     out = out.to(torch.uint8)
     return out if n is None else out[..., :n]
+
+
+def _shifts(count: int, step: int, device: torch.device) -> torch.Tensor:
+    """int64 [0, step, 2 * step, ...] (count of them): bit offsets within a packed word."""
+    return torch.arange(count, device=device, dtype=torch.int64) * step
