@@ -158,6 +158,17 @@ def test_int4_packing_is_low_nibble_first():
     assert pack_bits(codes, 4).tolist() == [[1 | 2 << 4, 15]]
 
 
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_odd_bit_packing_is_a_little_endian_bit_stream(bits):
+    """Value i of a row occupies bits i * bits .. (i + 1) * bits - 1 of the row's byte
+    stream, least significant first (the layout checkpoints store)."""
+    codes = torch.randint(0, 2**bits, (3, 16), generator=torch.Generator().manual_seed(bits),
+                          dtype=torch.uint8)
+    stream = [(int(v) >> b) & 1 for row in codes for v in row for b in range(bits)]
+    expected = [sum(stream[i + j] << j for j in range(8)) for i in range(0, len(stream), 8)]
+    assert pack_bits(codes, bits).flatten().tolist() == expected
+
+
 def test_pack_rejects_ragged_rows():
     with pytest.raises(ValueError, match="multiple of 8"):
         pack_bits(torch.zeros(1, 12, dtype=torch.uint8), 3)
