@@ -8,6 +8,7 @@ measured on the fixed held-out splits of Wikipedia and news (4 windows of 1024 t
 
     python benchmarks/accuracy_calibration.py            # every row, several minutes
     python benchmarks/accuracy_calibration.py --only gptq --out /tmp/x.json
+    python benchmarks/accuracy_calibration.py --only hqq --update   # redo HQQ, keep the rest
     PYTHONPATH=/tmp/aosite python benchmarks/accuracy_calibration.py --torchao   # + torchao rows
 
 torchao 0.18's rows use its CPU-capable configs (intx weight-only with affine or HQQ
@@ -185,6 +186,8 @@ def main() -> None:
     parser.add_argument("--calib-seqs", type=int, default=64)
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument("--out", type=Path, default=RESULTS / "calibration.json")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the rows run now in --out, keep its other rows")
     parser.add_argument("--torchao", action="store_true",
                         help="also run torchao's nearest configs (needs torchao importable)")
     args = parser.parse_args()
@@ -223,10 +226,38 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
+_REDONE = " Rows redone later by --update, same script and settings: "
+
+
+def _gap_closed(rows: list[dict]) -> None:
+    """Fraction of the RTN int4 g64 (integer zero) Wikipedia gap to fp32 each method closes."""
+    ppl = {(r["method"], r["config"]): r.get("wiki_ppl") for r in rows}
+    fp32, rtn = ppl.get(("fp32", "fp32")), ppl.get(("RTN", "int4 g64"))
+    if fp32 is None or rtn is None:
+        return
+    for r in rows:
+        if r["method"] not in ("fp32", "RTN") and "int4" in r["config"] and "wiki_ppl" in r:
+            r["gap_closed_vs_rtn_int4"] = round((rtn - r["wiki_ppl"]) / (rtn - fp32), 3)
+
+
 def _write(args, rows: list[dict]) -> None:
+    """Write `rows`; with --update, in place of the same (method, config) rows of --out,
+    keeping its conditions and note and saying in both which rows this run redid, when."""
+    conditions, note = _conditions(args), NOTE
+    if args.update and args.out.exists():
+        old = json.loads(args.out.read_text())
+        redone = [f"{r['method']} {r['config']}" for r in rows]
+        conditions = {**old["conditions"], "updated": {"date": conditions["date"],
+                                                       "rows": redone}}
+        note = (old["note"].split(_REDONE)[0] + _REDONE
+                + f"{', '.join(redone)} ({conditions['updated']['date']}).")
+        new = {(r["method"], r["config"]): r for r in rows}
+        rows = [new.pop((r["method"], r["config"]), r) for r in old["rows"]]
+        rows += list(new.values())
+    _gap_closed(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"conditions": _conditions(args), "note": NOTE,
-                                    "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"conditions": conditions, "note": note, "rows": rows},
+                                   indent=1))
 
 
 if __name__ == "__main__":

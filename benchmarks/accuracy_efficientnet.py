@@ -11,7 +11,10 @@ and the classifier nn.Linear are quantized to int8 per output channel:
   bias (lowbit.quantize.bias_correction), calibrated on 32 LFW faces that are not among the
   evaluation images;
 - "+ sum-preserving depthwise": depthwise kernels re-rounded so each row keeps its sum
-  (lowbit.quantize.depthwise_rounding, data-free), then bias correction: the scheme.
+  (lowbit.quantize.depthwise_rounding, data-free), then bias correction;
+- "+ GPTQ rounding": every layer's codes re-rounded by GPTQ against its input second moments
+  on the same faces (lowbit.quantize.conv_gptq; scales unchanged), then bias correction: the
+  scheme (the only one at >= 0.95 agreement).
 
 Evaluation views: 28 photos x 5 crops (center + 4 corners of the 256-short-side image) x
 {as is, mirrored} = 280 views; "center only" repeats the metric on the 28 canonical crops.
@@ -23,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime as _dt
 import json
 import math
 import os
+import platform
 import time
 import warnings
 from pathlib import Path
@@ -44,20 +49,23 @@ from lowbit.eval.vision import (
     top1_agreement,
 )
 from lowbit.quantize.bias_correction import correct_bias
+from lowbit.quantize.conv_gptq import round_gptq_
 from lowbit.quantize.depthwise_rounding import round_depthwise_sum_preserving_
 
 RESULTS = Path(os.environ.get("LOWBIT_RESULTS_DIR", Path(__file__).parent / "results"))
 CALIBRATION_FACES = 32
-# (label, config, sum-preserving depthwise rounding, bias correction)
+# (label, config, re-rounding: None, "sum-preserving depthwise" or "gptq", bias correction)
 ROWS = [
-    ("RTN int8 weight-only", lowbit.Int8WeightOnly(), False, False),
+    ("RTN int8 weight-only", lowbit.Int8WeightOnly(), None, False),
     ("RTN int8 weights + dynamic int8 activations", lowbit.Int8DynamicActivationInt8Weight(),
-     False, False),
-    ("int8 weight-only + bias correction", lowbit.Int8WeightOnly(), False, True),
+     None, False),
+    ("int8 weight-only + bias correction", lowbit.Int8WeightOnly(), None, True),
     ("int8 weight-only + sum-preserving depthwise + bias correction", lowbit.Int8WeightOnly(),
-     True, True),
+     "sum-preserving depthwise", True),
     ("int8 weights + dynamic int8 activations + sum-preserving depthwise + bias correction",
-     lowbit.Int8DynamicActivationInt8Weight(), True, True),
+     lowbit.Int8DynamicActivationInt8Weight(), "sum-preserving depthwise", True),
+    ("int8 weight-only + GPTQ rounding + bias correction", lowbit.Int8WeightOnly(), "gptq",
+     True),
 ]
 
 
@@ -93,19 +101,21 @@ def main() -> None:
     start = time.time()
     reference = predict(model, views)
     rows = [{"scheme": "fp32", "seconds": round(time.time() - start, 1)}]
-    for label, config, sum_preserving, corrected in ROWS:
+    for label, config, rounding, corrected in ROWS:
         quantized = copy.deepcopy(model)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # every conv and the linear must take the config
             summary = lowbit.quantize_(quantized, config, is_conv_or_linear, show_progress=False)
-        if sum_preserving:
+        if rounding == "sum-preserving depthwise":
             round_depthwise_sum_preserving_(quantized, model)
+        elif rounding == "gptq":
+            round_gptq_(quantized, model, calibration)
         if corrected:
             correct_bias(quantized, model, calibration)
         start = time.time()
         logits = predict(quantized, views)
         row = {"scheme": label, "config": config.to_dict(), "bias_correction": corrected,
-               "sum_preserving_depthwise": sum_preserving,
+               "rounding": rounding or "nearest",
                "layers_quantized": len(summary.quantized),
                **metrics(reference, logits, views_per_image),
                "seconds": round(time.time() - start, 1)}
@@ -122,8 +132,10 @@ def main() -> None:
         "calibration": f"first {CALIBRATION_FACES} faces of skimage lfw_subset.npy "
                        "(25x25 grey, upsampled to 224): disjoint from the evaluation photos",
         "quantized_layers": "every nn.Conv2d (stem, depthwise, pointwise, head) + the nn.Linear",
-        "conditions": {"torch": torch.__version__, "device": "cpu",
-                       "threads": torch.get_num_threads()},
+        "conditions": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       "torch": torch.__version__,
+                       "machine": f"CPU, {torch.get_num_threads()} threads, {platform.machine()}",
+                       "device": "cpu", "threads": torch.get_num_threads()},
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from lowbit.quantize.configs import (
     QuantConfig,
     config_from_dict,
 )
+from lowbit.quantize.conv_gptq import round_gptq_
 from lowbit.quantize.handlers import quantize_weight, register_handler
 from lowbit.quantize.mx_configs import (
     MXDynamicActivationMXWeight,
@@ -47,6 +48,7 @@ __all__ = [
     "QuantizeSummary",
     "config_from_dict",
     "correct_bias",
+    "round_gptq_",
     "is_conv2d",
     "is_linear",
     "preset",

@@ -206,7 +206,8 @@ class SmoothQuant(CalibratedConfig):
 @dataclasses.dataclass(frozen=True)
 class HQQ(QuantConfig):
     """HQQ: calibration-free fit of float zero points to an l_p error (`lp_norm`), solved by
-    half-quadratic splitting; `beta` (in quantization steps) grows by `kappa` per step."""
+    half-quadratic splitting from the integer-zero grid; `beta` (in quantization steps) grows
+    by `kappa` per step."""
 
     base: QuantConfig
     iters: int = 20
