@@ -3,17 +3,20 @@
 Runs on the CPU (the model wheel cannot travel to the GPU machine) and writes
 benchmarks/results/calibration.json: fp32, round-to-nearest (RTN), HQQ, AWQ and GPTQ at
 int4 and int3 with groups of 64, int8 and fp8 dynamic activations with and without
-SmoothQuant. Calibration batches come from the Wikipedia *train* split only; perplexity is
-measured on the fixed held-out splits of Wikipedia and news (4 windows of 1024 tokens each).
+SmoothQuant, fp8 weight-only. Calibration batches come from the Wikipedia *train* split only;
+perplexity is measured on the fixed held-out splits of Wikipedia and news (4 windows of 1024
+tokens each).
 
     python benchmarks/accuracy_calibration.py            # every row, several minutes
     python benchmarks/accuracy_calibration.py --only gptq --out /tmp/x.json
     python benchmarks/accuracy_calibration.py --only hqq --update   # redo HQQ, keep the rest
+    python benchmarks/accuracy_calibration.py --only "AWQ int3 g64" --update   # one row
     PYTHONPATH=/tmp/aosite python benchmarks/accuracy_calibration.py --torchao   # + torchao rows
 
-torchao 0.18's rows use its CPU-capable configs (intx weight-only with affine or HQQ
-scale-only qparams, int8 dynamic) and its prototype AWQ / SmoothQuant flows on the same
-calibration batches; a row it cannot run here is recorded with the error instead.
+torchao 0.18's rows use its nearest configs (int4 and intx weight-only with affine or HQQ
+qparams, int8 and fp8 dynamic, fp8 weight-only) and its prototype AWQ / GPTQ / SmoothQuant
+flows on the same calibration batches; a row it cannot run on the CPU is recorded with the
+error instead.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import platform
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,6 +40,7 @@ from lowbit.quantize import (
     GPTQ,
     HQQ,
     Float8DynamicActivationFloat8Weight,
+    Float8WeightOnly,
     Int4WeightOnly,
     Int8DynamicActivationInt8Weight,
     IntxWeightOnly,
@@ -82,6 +87,7 @@ ROWS: list[tuple[str, str, QuantConfig | None]] = [
     ("RTN", "fp8 dynamic (rowwise)", Float8DynamicActivationFloat8Weight()),
     ("SmoothQuant", "fp8 dynamic (rowwise)",
      SmoothQuant(Float8DynamicActivationFloat8Weight(), 0.5)),
+    ("RTN", "fp8 weight-only (rowwise)", Float8WeightOnly()),
 ]
 
 
@@ -97,11 +103,16 @@ def calibration_batches(tokenizer, count: int, length: int) -> list[torch.Tensor
 def _torchao_rows():
     """(label, make_config, calibrated) for torchao 0.18's nearest configs."""
     from torchao.prototype.awq import AWQConfig
+    from torchao.prototype.gptq import GPTQConfig
     from torchao.prototype.smoothquant import SmoothQuantConfig
     from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int4WeightOnlyConfig,
         Int8DynamicActivationInt8WeightConfig,
         IntxWeightOnlyConfig,
         MappingType,
+        PerRow,
     )
     from torchao.quantization import PerGroup as AoPerGroup
 
@@ -113,26 +124,36 @@ def _torchao_rows():
             intx_choose_qparams_algorithm=algorithm,
         )
 
-    return [
+    return [  # calibration-free rows first: the calibrated flows take minutes each
         ("int4 g64 (intx, affine)", lambda step: intx(4), False),
         ("int4 g64 (intx, hqq_scale_only)", lambda step: intx(4, "hqq_scale_only"), False),
-        ("int4 g64 AWQ (intx)", lambda step: AWQConfig(intx(4), step=step), True),
+        ("int4 g64 (Int4WeightOnly, plain)", lambda step: Int4WeightOnlyConfig(64), False),
+        ("int4 g64 (Int4WeightOnly, hqq)",
+         lambda step: Int4WeightOnlyConfig(64, int4_packing_format="tile_packed_to_4d",
+                                           int4_choose_qparams_algorithm="hqq"), False),
         ("int3 g64 (intx, affine)", lambda step: intx(3), False),
         ("int3 g64 (intx, hqq_scale_only)", lambda step: intx(3, "hqq_scale_only"), False),
         ("int8 dynamic", lambda step: Int8DynamicActivationInt8WeightConfig(), False),
+        ("fp8 weight-only", lambda step: Float8WeightOnlyConfig(), False),
+        ("fp8 dynamic (rowwise)",
+         lambda step: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), False),
         ("int8 dynamic SmoothQuant",
          lambda step: SmoothQuantConfig(Int8DynamicActivationInt8WeightConfig(), step=step,
                                         alpha=0.5), True),
+        ("int4 g64 GPTQ (Int4WeightOnly)",
+         lambda step: GPTQConfig("observe" if step == "prepare" else step,
+                                 Int4WeightOnlyConfig(64)), True),
+        ("int4 g64 AWQ (intx)", lambda step: AWQConfig(intx(4), step=step), True),
+        ("int3 g64 AWQ (intx)", lambda step: AWQConfig(intx(3), step=step), True),
     ]
 
 
-def run_torchao(model, batches, heldout) -> list[dict]:
-    """torchao rows: quantize a copy with each config (prepare, calibrate, convert for the
-    calibrated flows) and measure the same held-out perplexities."""
+def run_torchao(model, batches, heldout) -> Iterator[dict]:
+    """torchao rows, one at a time: quantize a copy with each config (prepare, calibrate,
+    convert for the calibrated flows) and measure the same held-out perplexities."""
     import torchao
     from torchao.quantization import quantize_ as ao_quantize_
 
-    rows = []
     for label, make, calibrated in _torchao_rows():
         q = copy.deepcopy(model)
         start = time.perf_counter()
@@ -145,16 +166,18 @@ def run_torchao(model, batches, heldout) -> list[dict]:
                 ao_quantize_(q, make("convert"), filter_fn=body_linears)
             else:
                 ao_quantize_(q, make(None), filter_fn=body_linears)
+            seconds = time.perf_counter() - start
             ppl = {f"{c}_ppl": round(perplexity(q, ids, max_windows=WINDOWS,
                                                 progress=False).ppl, 3)
                    for c, ids in heldout.items()}
         except Exception as e:  # a prototype flow that does not run here is a result too
+            seconds = time.perf_counter() - start  # up to the failure
             ppl = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-        rows.append({"method": f"torchao {torchao.__version__}", "config": label, **ppl,
-                     "quantize_seconds": round(time.perf_counter() - start, 1)})
-        print(rows[-1], flush=True)
+        row = {"method": f"torchao {torchao.__version__}", "config": label, **ppl,
+               "quantize_seconds": round(seconds, 1)}
+        print(row, flush=True)
         del q
-    return rows
+        yield row
 
 
 def _conditions(args) -> dict:
@@ -182,7 +205,8 @@ NOTE = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", help="methods to run (fp32 always runs)")
+    parser.add_argument("--only", nargs="*",
+                        help="methods or 'method config' rows to run (fp32 always runs)")
     parser.add_argument("--calib-seqs", type=int, default=64)
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument("--out", type=Path, default=RESULTS / "calibration.json")
@@ -199,7 +223,8 @@ def main() -> None:
     only = {m.lower() for m in args.only} if args.only else None
     rows = []
     for method, label, config in ROWS:
-        if only is not None and method != "fp32" and method.lower() not in only:
+        chosen = only is None or {method.lower(), f"{method} {label}".lower()} & only
+        if method != "fp32" and not chosen:
             continue
         q = model if config is None else copy.deepcopy(model)
         start = time.perf_counter()
@@ -221,8 +246,9 @@ def main() -> None:
         del q
         _write(args, rows)  # after every row: a long run that is stopped keeps what it measured
     if args.torchao:
-        rows += run_torchao(model, batches, heldout)
-        _write(args, rows)
+        for row in run_torchao(model, batches, heldout):
+            rows.append(row)
+            _write(args, rows)
     print(f"wrote {args.out}")
 
 
@@ -246,7 +272,8 @@ def _write(args, rows: list[dict]) -> None:
     conditions, note = _conditions(args), NOTE
     if args.update and args.out.exists():
         old = json.loads(args.out.read_text())
-        redone = [f"{r['method']} {r['config']}" for r in rows]
+        earlier = old["conditions"].get("updated", {}).get("rows", [])
+        redone = list(dict.fromkeys(earlier + [f"{r['method']} {r['config']}" for r in rows]))
         conditions = {**old["conditions"], "updated": {"date": conditions["date"],
                                                        "rows": redone}}
         note = (old["note"].split(_REDONE)[0] + _REDONE
