@@ -156,6 +156,17 @@ def float8_linear(
     return y if bias is None else y + bias.to(out_dtype)
 
 
+def plain_linear(linear: nn.Linear) -> nn.Linear:
+    """A plain nn.Linear holding `linear`'s own Parameters (what training linears convert
+    back to): built on the meta device, so nothing is allocated or copied."""
+    with torch.device("meta"):
+        plain = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None)
+    plain.weight = linear.weight
+    plain.bias = linear.bias
+    plain.train(linear.training)
+    return plain
+
+
 class Float8TrainingLinear(nn.Linear):
     """nn.Linear trained with fp8 GEMMs; same parameters, same state_dict keys.
 
@@ -197,12 +208,7 @@ class Float8TrainingLinear(nn.Linear):
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear with the same Parameters (for export and inference)."""
-        with torch.device("meta"):
-            plain = nn.Linear(self.in_features, self.out_features, self.bias is not None)
-        plain.weight = self.weight
-        plain.bias = self.bias
-        plain.train(self.training)
-        return plain
+        return plain_linear(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and not self.eval_fp8:

@@ -24,7 +24,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from lowbit.formats.fp8 import fp8_scale_from_amax, quantize_fp8
 from lowbit.training.recipes import Float8TrainingRecipe
@@ -73,7 +73,7 @@ class Float8AllGatherWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        recipe = next(a.recipe for a in _flat(args) if isinstance(a, cls))
+        recipe = next(a.recipe for a in tree_leaves(args) if isinstance(a, cls))
         plain_args, plain_kwargs = tree_map_only(cls, lambda t: t._hp, (args, kwargs))
         out = func(*plain_args, **plain_kwargs)
         if func._schema.is_mutable and args and isinstance(args[0], cls):
@@ -156,14 +156,6 @@ class Float8GatheredWeight(torch.Tensor):
             return cls(func(self._data, *rest, **kwargs), self._scale, self.dtype)
         return func(*tree_map_only(cls, lambda t: t.dequantize(), args),
                     **tree_map_only(cls, lambda t: t.dequantize(), kwargs))
-
-
-def _flat(args):
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            yield from _flat(a)
-        else:
-            yield a
 
 
 def enable_fp8_all_gather(model: nn.Module) -> int:

@@ -23,6 +23,7 @@ from torch import nn
 
 from lowbit.formats import mx
 from lowbit.training.convert import swap_linears
+from lowbit.training.float8_linear import plain_linear
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 
@@ -133,12 +134,7 @@ class MXTrainingLinear(nn.Linear):
         return mx_linear(x, self.weight, self.bias, self.recipe)
 
     def to_linear(self) -> nn.Linear:
-        with torch.device("meta"):
-            plain = nn.Linear(self.in_features, self.out_features, self.bias is not None)
-        plain.weight = self.weight
-        plain.bias = self.bias
-        plain.train(self.training)
-        return plain
+        return plain_linear(self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}"
