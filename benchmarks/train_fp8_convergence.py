@@ -207,17 +207,22 @@ def train(opts) -> None:
         r = runs[variant]
         print(f"{variant}: final held-out loss {r['final_heldout_loss']:.4f}, "
               f"{r['tokens_per_s']:.0f} tok/s, {r['seconds']:.0f} s", flush=True)
-    if "bf16" in runs:
-        base = runs["bf16"]["final_heldout_loss"]
-        for r in runs.values():
-            r["rel_diff_vs_bf16"] = r["final_heldout_loss"] / base - 1
-            r["within_1.5pct"] = abs(r["rel_diff_vs_bf16"]) <= MAX_REL_DIFF
-    out = write_result(NAME, {"conditions": conditions(), "settings": settings, "runs": runs})
+        # Written after every variant, so a run stopped by a time limit keeps what finished.
+        out = _write(runs, settings)
     print(f"wrote {out}")
     try:
         plot(out)
     except ImportError:
         print("matplotlib not installed here: run the `plot` subcommand where it is")
+
+
+def _write(runs: dict, settings: dict) -> Path:
+    if "bf16" in runs:
+        base = runs["bf16"]["final_heldout_loss"]
+        for r in runs.values():
+            r["rel_diff_vs_bf16"] = r["final_heldout_loss"] / base - 1
+            r["within_1.5pct"] = abs(r["rel_diff_vs_bf16"]) <= MAX_REL_DIFF
+    return write_result(NAME, {"conditions": conditions(), "settings": settings, "runs": runs})
 
 
 # ---- plot ----------------------------------------------------------------------------------
