@@ -148,7 +148,7 @@ def main() -> None:
         "conditions": conditions(), "args": vars(args), "n_params": n,
         "n_tensors": len(params), "results": results, "missing": missing,
         "note": "step time only (random grads, no forward/backward); lowbit's update is "
-                "torch.compile'd on CUDA; bytes measured from the optimizer's storages",
+                "one Triton launch per step on CUDA; bytes measured from the optimizer's storages",
     })
     print("wrote", path)
 

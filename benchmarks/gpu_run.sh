@@ -24,6 +24,8 @@ case "$what" in
                python3 benchmarks/bench_fp8_training.py "$@"; } 2>&1 | tee "$OUT/fp8_training.log" ;;
   fp8conv) python3 benchmarks/train_fp8_convergence.py train "$@" 2>&1 \
         | tee "$OUT/fp8_convergence.log" ;;
+  fsdp) python3 -m torch.distributed.run --standalone --nproc_per_node=${NGPU:-2} \
+        benchmarks/bench_fsdp_fp8.py "$@" 2>&1 | tee "$OUT/fsdp.log" ;;
   optim) python3 benchmarks/bench_optim.py "$@" 2>&1 | tee "$OUT/optim.log" ;;
   optimtests) python3 -m pytest -m cuda -q -p no:cacheprovider tests/optim 2>&1 \
         | tee "$OUT/optim_tests.log" ;;

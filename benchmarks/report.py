@@ -99,6 +99,8 @@ TITLES = {
     "sparse_ops": "2:4 sparse linear per op (GPU: card in the conditions)",
     "fp8_training": "fp8 training throughput (GPU: card in the conditions)",
     "fp8_convergence": "fp8 training convergence on real text (GPU: card in the conditions)",
+    "fsdp_fp8": "FSDP2 training throughput per GPU, bf16 vs fp8 all-gather (GPU: card and "
+                "world_size in the conditions)",
     "train_mx": "Emulated MXFP8 training vs bf16 on real text (GPU: card in the conditions)",
     "optim_speed": "Low-bit AdamW step time (GPU: card in the conditions)",
     "optim_convergence": "Low-bit AdamW convergence on real text (~100M params, GPU)",
@@ -108,7 +110,7 @@ _HIDDEN = {"spec", "timing", "weight_bytes"}
 
 
 def generic_section(title: str, data: dict) -> list[str]:
-    rows = data.get("rows") or data.get("runs") or []
+    rows = data.get("rows") or data.get("runs") or data.get("results") or []
     if isinstance(rows, dict):  # {name: {field: value}}
         rows = [{"row": name, **fields} for name, fields in rows.items()]
     cols = list(dict.fromkeys(
