@@ -4,9 +4,13 @@ The parameters have TinyLlama-1.1B's shapes (dim 2048, 22 layers, ffn 5632, 4 KV
 64, vocab 32000; 1.10B parameters), random values and random gradients; only
 `optimizer.step()` is timed (no forward or backward). In one process: torch.optim.AdamW
 (fused=True: the bar, issue 8 asks <= 1.2x of it), lowbit's AdamW8bit / AdamW4bit /
-AdamWFp8 (update fused by torch.compile), torchao 0.18's AdamW8bit / AdamW4bit / AdamWFp8
-and bitsandbytes' AdamW8bit when they import. State bytes per parameter are measured from
-the storages the optimizer holds (lowbit.optim.state_storage_bytes), not computed.
+AdamWFp8 (update: one Triton launch per kind of parameter), torchao 0.18's AdamW8bit /
+AdamW4bit / AdamWFp8 and bitsandbytes' AdamW8bit when they import. State bytes per parameter
+are measured from the storages the optimizer holds (lowbit.optim.state_storage_bytes).
+`step_ms_median` syncs after every step (host time counts, as in a loop that reads the loss);
+`step_ms_queued` is the mean of back-to-back steps (the GPU's time when the host keeps up).
+`--programs 1024x4,512x4` also times lowbit's kernel at these (values, warps)
+per program (lowbit.kernels.triton.adam.PROGRAM_SHAPE), as rows `name@VALUESxWARPS`.
 Writes results/optim.json.
 
     python benchmarks/bench_optim.py                       # H100, ~1.1B fp32 params
@@ -29,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import conditions, write_result  # noqa: E402
 
 import lowbit.optim as lo  # noqa: E402
+from lowbit.kernels.triton import adam as kernel  # noqa: E402
 
 
 def param_shapes(args: argparse.Namespace) -> list[tuple[int, ...]]:
@@ -92,9 +97,16 @@ def bench(factory, params, args) -> dict:
         sync(args.device)
         times.append(time.perf_counter() - t)
     times.sort()
+    sync(args.device)
+    t = time.perf_counter()
+    for _ in range(args.iters):
+        opt.step()
+    sync(args.device)
+    queued = (time.perf_counter() - t) / args.iters
     n = sum(p.numel() for p in params)
     row = {
         "step_ms_median": 1000 * times[len(times) // 2],
+        "step_ms_queued": 1000 * queued,
         "step_ms_min": 1000 * times[0],
         "warmup_s": warmup_s,
         "state_bytes_per_param": lo.state_storage_bytes(opt) / n,
@@ -117,6 +129,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--only", default=None, help="comma-separated optimizer names")
+    ap.add_argument("--programs", default=None,
+                    help="also time lowbit at these VALUESxWARPS per program, e.g. 512x4,1024x8")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -140,6 +154,12 @@ def main() -> None:
         except Exception as e:  # a third-party optimizer failing must not lose the others
             results[name] = {"error": f"{type(e).__name__}: {e}"}
         print(name, results[name], flush=True)
+    for program in (args.programs.split(",") if args.programs else []):
+        kernel.PROGRAM_SHAPE = tuple(map(int, program.split("x")))
+        for name, factory in optimizers().items():
+            if name.startswith("lowbit") and (not args.only or name in args.only.split(",")):
+                results[f"{name}@{program}"] = bench(factory, params, args)
+                print(f"{name}@{program}", results[f"{name}@{program}"], flush=True)
     base = results.get("torch-adamw-fused", {}).get("step_ms_median")
     for row in results.values():
         if base and "step_ms_median" in row:

@@ -14,7 +14,7 @@ RESULTS = HERE / "results"
 
 def _conditions(c: dict) -> str:
     keys = ["date", "gpu", "torch", "triton", "cuda", "torchao", "model", "layers", "prompt",
-            "new_tokens", "compile", "machine"]
+            "new_tokens", "compile", "machine", "world_size"]
     return "; ".join(f"{k}: {c[k]}" for k in keys if c.get(k) is not None)
 
 

@@ -26,14 +26,14 @@ import torch
 
 from lowbit.optim.codes import get_codec
 from lowbit.optim.functional import adam_step_, state_fields
+from lowbit.optim.fused_plan import FusedLaunch, FusedPlan
+from lowbit.optim.fused_plan import local as _local
 from lowbit.optim.state import QuantizedState, is_dtensor, shared_table
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Blocks of a fused step whose moments are both float32 (small parameters).
 _FLOAT32_BLOCK = 1024
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if is_dtensor(t) else t
 
 
 class _LowBitAdam(torch.optim.Optimizer):
@@ -159,14 +159,14 @@ class _LowBitAdam(torch.optim.Optimizer):
                            spec.lut_first_cell, state.book, shared_table(spec, state.device))
         return fmt, (state.codes, state.scale)
 
-    def _fused_steps(self, work: list, hyper: dict) -> None:
-        """One multi-tensor step increment, then one Triton launch per kind of parameter
-        (dtype, moment formats, device): typically two, the quantized and the small ones."""
-        from lowbit.kernels.triton.adam import FusedParam, fused_adam_step_
+    def _build_plan(self, group: dict, work: list) -> FusedPlan:
+        """Group the fused parameters into launches (one per device, dtypes, moment formats
+        and block: typically two, the quantized and the small ones) with their address
+        tables. work: (position in the group, local p, local grad, state)."""
+        from lowbit.kernels.triton.adam import FusedParam, address_table
 
-        torch._foreach_add_([state["step"] for _, _, state in work], 1.0)
         launches: dict[tuple, tuple] = {}
-        for local, grad, state in work:
+        for i, local, grad, state in work:
             m_state = _local(state["exp_avg"])
             m_fmt, m = self._fused_moment(m_state)
             v_fmt, v = self._fused_moment(_local(state["exp_avg_sq"]))
@@ -175,14 +175,50 @@ class _LowBitAdam(torch.optim.Optimizer):
             # Formats hold shared code-book tensors: key on their identity.
             key = (local.device, local.dtype, grad.dtype, block,
                    tuple(map(id, m_fmt)), tuple(map(id, v_fmt)))
-            entry = launches.setdefault(key, (m_fmt, v_fmt, block, []))
+            entry = launches.setdefault(key, (m_fmt, v_fmt, block, [], []))
             entry[3].append(FusedParam(local.detach(), grad, state["step"], m, v))
-        for m_fmt, v_fmt, block, params in launches.values():
+            entry[4].append(i)
+        params = group["params"]
+        states: list[dict | None] = [None] * len(params)
+        for i, _, _, state in work:
+            states[i] = state
+        for i, p in enumerate(params):  # updated elsewhere or empty: still part of the plan
+            if p.grad is not None and states[i] is None:
+                states[i] = self.state[p]
+        return FusedPlan(
+            params=list(params), states=states, storages=[_local(p).data_ptr() for p in params],
+            steps=[state["step"] for *_, state in work],
+            launches=[FusedLaunch(m_fmt, v_fmt, block, fps[0].p.dtype, fps[0].grad.dtype,
+                                  fps[0].p.device, address_table(fps), members)
+                      for m_fmt, v_fmt, block, fps, members in launches.values()],
+        )
+
+    def _run_plan(self, plan: FusedPlan, grads: list, group: dict) -> None:
+        """One multi-tensor step increment, then one Triton launch per `FusedLaunch`."""
+        from lowbit.kernels.triton.adam import launch_from_table_
+
+        torch._foreach_add_(plan.steps, 1.0)
+        hypers: dict[torch.device, torch.Tensor] = {}
+        for launch, launch_grads in zip(plan.launches, grads):
+            if launch.device not in hypers:
+                hypers[launch.device] = self._hyper(group, launch.device)
+            table = launch.table.clone()
+            table[1] = torch.tensor([g.data_ptr() for g in launch_grads], dtype=torch.int64)
             seed = None
-            if self.bf16_stochastic_round and params[0].p.dtype == torch.bfloat16:
+            if self.bf16_stochastic_round and launch.p_dtype == torch.bfloat16:
                 seed = int(torch.randint(0, 2**31 - 1, ()))
-            fused_adam_step_(params, hyper[params[0].p.device], m_fmt, v_fmt, block=block,
-                             decoupled=self.decoupled, stochastic_bf16_seed=seed)
+            launch_from_table_(table, hypers[launch.device], launch.m_format, launch.v_format,
+                               p_dtype=launch.p_dtype, g_dtype=launch.g_dtype,
+                               block=launch.block, decoupled=self.decoupled,
+                               stochastic_bf16_seed=seed)
+
+    @staticmethod
+    def _hyper(group: dict, device: torch.device) -> torch.Tensor:
+        """float32 [lr, beta1, beta2, eps, weight_decay] on the device: read by the update
+        from memory, so changing lr never recompiles or syncs."""
+        b1, b2 = group["betas"]
+        vals = [float(group["lr"]), b1, b2, group["eps"], group["weight_decay"]]
+        return torch.tensor(vals, dtype=torch.float32, device=device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -190,44 +226,60 @@ class _LowBitAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plans = self.__dict__.setdefault("_plans", {})  # not pickled with the optimizer
         for group in self.param_groups:
-            hypers: dict[torch.device, torch.Tensor] = {}
-            fused_work = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError(
-                        f"{type(self).__name__} does not support sparse gradients; use "
-                        "torch.optim.SparseAdam or a dense embedding"
-                    )
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, state)
-                local, grad = _local(p), _local(p.grad)
-                if local.numel() == 0:
-                    continue
-                dev = local.device
-                if dev not in hypers:
-                    b1, b2 = group["betas"]
-                    vals = [float(group["lr"]), b1, b2, group["eps"], group["weight_decay"]]
-                    hypers[dev] = torch.tensor(vals, dtype=torch.float32, device=dev)
-                if state["step"].device != dev:
-                    state["step"] = state["step"].to(dev)
-                if self._use_fused(local, grad):
-                    fused_work.append((local, grad, state))
-                    continue
-                m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-                quantized = isinstance(m, QuantizedState)
-                adam_step_(
-                    local, grad.reshape(-1), state["step"], hypers[dev],
-                    state_fields(m), state_fields(v),
-                    m.codec if quantized else None, v.codec if quantized else None,
-                    self.decoupled, self.bf16_stochastic_round,
-                )
-            if fused_work:
-                self._fused_steps(fused_work, hypers)
+            plan = plans.get(id(group))
+            grads = plan.grads(group["params"], self.state) if plan is not None else None
+            if grads is not None:
+                self._run_plan(plan, grads, group)
+            else:
+                plans[id(group)] = self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict) -> FusedPlan | None:
+        """The full path: initialise states, check every parameter, update those the kernel
+        cannot take one by one and the rest through a new plan; returns the plan if it covers
+        every updated parameter (then later steps reuse it)."""
+        hypers: dict[torch.device, torch.Tensor] = {}
+        fused_work, plain = [], 0
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"{type(self).__name__} does not support sparse gradients; use "
+                    "torch.optim.SparseAdam or a dense embedding"
+                )
+            state = self.state[p]
+            if not state:
+                self._init_state(p, state)
+            local, grad = _local(p), _local(p.grad)
+            if local.numel() == 0:
+                continue
+            if state["step"].device != local.device:
+                state["step"] = state["step"].to(local.device)
+            if self._use_fused(local, grad):
+                fused_work.append((i, local, grad, state))
+                continue
+            plain += 1
+            dev = local.device
+            if dev not in hypers:
+                hypers[dev] = self._hyper(group, dev)
+            m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+            quantized = isinstance(m, QuantizedState)
+            adam_step_(
+                local, grad.reshape(-1), state["step"], hypers[dev],
+                state_fields(m), state_fields(v),
+                m.codec if quantized else None, v.codec if quantized else None,
+                self.decoupled, self.bf16_stochastic_round,
+            )
+        if not fused_work:
+            return None
+        plan = self._build_plan(group, fused_work)
+        grad_at = {i: grad for i, _, grad, _ in fused_work}
+        self._run_plan(plan, [[grad_at[i] for i in launch.members] for launch in plan.launches],
+                       group)
+        return plan if plain == 0 else None
 
 
 class AdamW8bit(_LowBitAdam):

@@ -1,7 +1,7 @@
 """One Adam(W) step of one parameter, on plain tensors: decode -> update -> encode.
 
 This is the reference and the CPU path; on CUDA the optimizers run the same arithmetic as
-one Triton kernel per parameter (`lowbit.kernels.triton.adam`), which reads each state's
+one Triton launch for all parameters (`lowbit.kernels.triton.adam`), which reads each state's
 codes and scales once and writes them once. Everything a step needs that may change (lr,
 betas, eps, weight decay, the step count) arrives as a tensor, so nothing syncs the host.
 

@@ -115,3 +115,18 @@ def test_unaligned_parameter_takes_the_plain_path():
         opt_odd.step()
         opt_ref.step()
     assert torch.equal(odd.detach(), ref.detach())
+
+
+def test_fused_kernel_64bit_offsets(monkeypatch):
+    """Parameters of 2^31 elements or more switch the kernel to int64 offsets; forced here on
+    small ones, the step must not change."""
+    from lowbit.kernels.triton import adam as kernel
+
+    monkeypatch.setattr(kernel, "_INT32_LIMIT", 0)
+    fused, opt_f, plain, opt_p = _pair(AdamW8bit, torch.float32)
+    _steps(fused, opt_f, plain, opt_p, 2)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=2.4e-7, atol=2 * 2 * 1e-2 * 2.0**-23)
+        sa, sb = opt_f.state[a]["exp_avg"], opt_p.state[b]["exp_avg"]
+        if isinstance(sa, QuantizedState):
+            assert torch.equal(sa.codes, sb.codes) and torch.equal(sa.scale, sb.scale)

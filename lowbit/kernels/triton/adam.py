@@ -30,8 +30,14 @@ FLOAT32, BOOK8, BOOK4, FP8 = 0, 1, 2, 3
 _E4M3_MAX = tl.constexpr(448.0)
 _E4M3_MIN_SUBNORMAL = tl.constexpr(2.0**-9)
 _MIN_SCALE = tl.constexpr(1e-30)
-# Values per program: with 4 warps, 8 per thread (more spilled registers on an H200).
-_PROGRAM_VALUES = 1024
+# (values, warps) per program. The kernel is bound by instruction latency, not bandwidth
+# (Nsight Compute on an H200: 125 registers a thread at 1024 values on 4 warps, 25% occupancy,
+# DRAM 27% busy for 8-bit states): one warp per 256 values keeps a block's absmax reduction
+# inside the warp and lets 2-3x more warps hide the latency. Chosen by
+# benchmarks/bench_optim.py --programs (benchmarks/RESULTS.md): 8-bit step 12.7 -> 10.6 ms.
+PROGRAM_SHAPE = (256, 1)
+# Offsets are int32 unless a parameter is this large (64-bit address arithmetic costs more).
+_INT32_LIMIT = 2**31 - 4096
 
 
 @triton.jit
@@ -167,7 +173,7 @@ def _adam_step_kernel(
     V_KIND: tl.constexpr, V_POSITIVE: tl.constexpr, V_LUT_BITS: tl.constexpr,
     V_LUT_FIRST: tl.constexpr,
     DECOUPLED: tl.constexpr, STOCHASTIC_BF16: tl.constexpr,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, NATIVE: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One program = ROWS blocks of one of T parameters. program_ptr [2, P]: each program's
     parameter and first block; addr_ptr [7, T]: the addresses of each parameter's p, grad,
@@ -183,7 +189,11 @@ def _adam_step_kernel(
     v_codes, v_scale = _moment_pointers(addr_ptr + 5 * T + t, T, V_KIND)
     n = tl.load(numel_ptr + t)
 
-    rows = first_row.to(tl.int64) + tl.arange(0, ROWS)
+    if WIDE:
+        rows = first_row.to(tl.int64) + tl.arange(0, ROWS)
+    else:
+        rows = first_row + tl.arange(0, ROWS)
+        n = n.to(tl.int32)
     cols = tl.arange(0, BLOCK)
     offs = rows[:, None] * BLOCK + cols[None, :]
     in_range = offs < n
@@ -266,9 +276,11 @@ class MomentFormat(NamedTuple):
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _addresses(params: list[FusedParam], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """[7, T] int64 addresses, [T] numels: built on the host and sent without a host sync."""
-    cols = [
+def address_table(params: list[FusedParam]) -> torch.Tensor:
+    """int64 [8, T] on the host: the addresses of each parameter's p, grad, step, m codes,
+    m scale, v codes and v scale, then its numel (the kernel's `addr_ptr` rows and
+    `numel_ptr`). Row 1, the gradients, is the only one that changes between steps."""
+    return torch.tensor([
         [q.p.data_ptr() for q in params], [q.grad.data_ptr() for q in params],
         [q.step.data_ptr() for q in params],
         [q.m[0].data_ptr() for q in params],
@@ -276,10 +288,7 @@ def _addresses(params: list[FusedParam], device: torch.device) -> tuple[torch.Te
         [q.v[0].data_ptr() for q in params],
         [q.v[1].data_ptr() if q.v[1] is not None else 0 for q in params],
         [q.p.numel() for q in params],
-    ]
-    host = torch.tensor(cols, dtype=torch.int64, pin_memory=device.type == "cuda")
-    table = host.to(device, non_blocking=True)
-    return table[:7], table[7]
+    ], dtype=torch.int64)
 
 
 @functools.lru_cache(maxsize=16)
@@ -316,25 +325,51 @@ def fused_adam_step_(
     moments' block (any power of two when both moments are FLOAT32)."""
     if not params:
         return
-    device = params[0].p.device
-    rows = max(1, _PROGRAM_VALUES // block)
-    programs = _program_map(tuple(q.p.numel() for q in params), block, rows, device)
-    addresses, numels = _addresses(params, device)
+    launch_from_table_(address_table(params), hyper, m_format, v_format,
+                       p_dtype=params[0].p.dtype, g_dtype=params[0].grad.dtype, block=block,
+                       decoupled=decoupled, stochastic_bf16_seed=stochastic_bf16_seed)
+
+
+def launch_from_table_(
+    table: torch.Tensor,
+    hyper: torch.Tensor,
+    m_format: MomentFormat,
+    v_format: MomentFormat,
+    *,
+    p_dtype: torch.dtype,
+    g_dtype: torch.dtype,
+    block: int,
+    decoupled: bool,
+    stochastic_bf16_seed: int | None,
+) -> None:
+    """`fused_adam_step_` from a ready `address_table` (host, int64 [8, T]), so a caller that
+    keeps the table between steps only rewrites the gradients' row."""
+    device = hyper.device
+    values, warps = PROGRAM_SHAPE
+    rows = max(1, values // block)
+    numels = table[7].tolist()
+    programs = _program_map(tuple(numels), block, rows, device)
+    if device.type == "cuda":
+        # Pinned, so the copy does not wait for the host; the caching host allocator keeps the
+        # buffer until the copy is done.
+        table = table.pin_memory()
+    table = table.to(device, non_blocking=True)
     dummy = hyper  # stands in for the code books of float32 moments (never read)
     _adam_step_kernel[(programs.shape[1],)](
-        addresses, numels, programs, len(params), programs.shape[1], hyper,
+        table[:7], table[7], programs, table.shape[1], programs.shape[1], hyper,
         m_format.book if m_format.book is not None else dummy,
         m_format.table if m_format.table is not None else dummy,
         v_format.book if v_format.book is not None else dummy,
         v_format.table if v_format.table is not None else dummy,
         stochastic_bf16_seed or 0,
-        P_DTYPE=_TL_DTYPES[params[0].p.dtype], G_DTYPE=_TL_DTYPES[params[0].grad.dtype],
+        P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
         M_KIND=m_format.kind, M_POSITIVE=m_format.positive, M_LUT_BITS=m_format.lut_bits,
         M_LUT_FIRST=m_format.lut_first,
         V_KIND=v_format.kind, V_POSITIVE=v_format.positive, V_LUT_BITS=v_format.lut_bits,
         V_LUT_FIRST=v_format.lut_first,
         DECOUPLED=decoupled, STOCHASTIC_BF16=stochastic_bf16_seed is not None,
-        BLOCK=block, ROWS=rows, NATIVE=device.type == "cuda", num_warps=4,
+        BLOCK=block, ROWS=rows, NATIVE=device.type == "cuda", num_warps=warps,
+        WIDE=max(numels) >= _INT32_LIMIT,
         # No contraction of a * b + c into fma: the reference rounds each product.
         enable_fp_fusion=False,
     )
