@@ -107,8 +107,18 @@ class LowbitTensor(torch.Tensor):
         return f"{type(self).__qualname__}:{self.attrs()}:{tuple(self.shape)}:{self.dtype}"
 
     def __tensor_flatten__(self):
-        names = [n for n in self.tensor_fields if getattr(self, n) is not None]
-        return names, (tuple(self.attrs().items()), self.dtype)
+        # Cached: dynamo's metadata guard calls this for every quantized weight on every call
+        # of a compiled function (~5 us each uncached: ~1 ms a decode step at 224 weights).
+        flat = self.__dict__.get("_flat")
+        if flat is None:
+            names = tuple(n for n in self.tensor_fields if getattr(self, n) is not None)
+            flat = self.__dict__["_flat"] = (names, (tuple(self.attrs().items()), self.dtype))
+        return list(flat[0]), flat[1]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.tensor_fields or name in self.attr_fields:
+            self.__dict__.pop("_flat", None)  # the flatten cache describes the old fields
+        super().__setattr__(name, value)
 
     @classmethod
     def __tensor_unflatten__(cls, inner, meta, outer_size, outer_stride):

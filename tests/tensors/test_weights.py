@@ -218,3 +218,19 @@ def test_float8_needs_gemm_friendly_shapes_for_dynamic():
     with pytest.raises(UnsupportedWeight, match="16"):
         quantize_weight(Float8DynamicActivationFloat8Weight(), torch.randn(24, 40))
     assert isinstance(quantize_weight(Float8WeightOnly(), torch.randn(24, 40)), Float8Weight)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:2] + CONFIGS[9:10], ids=lambda c: repr(c)[:60])
+def test_flatten_is_cached_and_follows_field_changes(cfg):
+    """__tensor_flatten__ is cached (dynamo's guards call it on every compiled call); setting a
+    field must drop the cache so the metadata never describes old fields."""
+    q = quantize_weight(cfg, torch.randn(64, 128))
+    names, meta = q.__tensor_flatten__()
+    assert q.__tensor_flatten__() == (names, meta)
+    assert names == [n for n in type(q).tensor_fields if getattr(q, n) is not None]
+    attr = type(q).attr_fields[0]
+    setattr(q, attr, "changed")
+    assert dict(q.__tensor_flatten__()[1][0])[attr] == "changed"
+    inner = {n: getattr(q, n) for n in names}
+    back = type(q).__tensor_unflatten__(inner, q.__tensor_flatten__()[1], q.shape, q.stride())
+    assert getattr(back, attr) == "changed"
