@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m lowbit.cli demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check lowbit tests benchmarks
+	$(VENV)/bin/ruff check lowbit tests benchmarks examples
 	$(PY) -m pytest -q
 
 clean:
