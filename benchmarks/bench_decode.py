@@ -4,7 +4,10 @@ weights. bf16, lowbit configs and torchao 0.18's same configs, in one process.
 
 Before timing, each quantized model's logits are compared with the bf16 model's on the
 same prompt (a sanity check: a broken kernel shows as a collapse of the SQNR).
-Writes results/decode.json.
+Writes results/decode.json. `--profile` also records 20 more decode steps under
+torch.profiler: a kernel table per config (results/decode_profile_<config>_b<batch>.txt) and
+the row's `gpu_kernel_ms_per_step`; set against `ms_per_step`, it says how much of a step the
+GPU is idle (host-bound) rather than busy.
 
     python benchmarks/bench_decode.py --layers 32 --batches 1,8 --new 256
 """
@@ -25,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import conditions, model_bytes, torchao_configs, write_result  # noqa: E402
+from common import RESULTS, conditions, model_bytes, torchao_configs, write_result  # noqa: E402
 
 from lowbit.models import ModelArgs, Transformer, decode_one_token, init_weights  # noqa: E402
 from lowbit.quantize import preset, quantize_  # noqa: E402
@@ -47,8 +50,26 @@ def _sqnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if noise == 0 else 10 * math.log10(a.double().pow(2).mean().item() / noise)
 
 
+def _profile_steps(step, model: Transformer, token: torch.Tensor, pos: torch.Tensor, name: str,
+                   steps: int = 20) -> float:
+    """GPU kernel time per decode step (ms) over `steps` steps; writes the kernel table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            token = step(model, token, pos).clone()
+            pos = pos + 1
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"decode_profile_{name}.txt").write_text(
+        events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+    return sum(e.self_device_time_total for e in events) / steps / 1000
+
+
 @torch.no_grad()
-def run_decode(model: Transformer, batch: int, prompt_len: int, new: int) -> dict:
+def run_decode(model: Transformer, batch: int, prompt_len: int, new: int,
+               profile_name: str | None = None) -> dict:
     torch.manual_seed(1)
     prompt = torch.randint(0, model.args.vocab_size, (batch, prompt_len), device="cuda")
     model.setup_caches(batch, prompt_len + new, dtype=torch.bfloat16, device="cuda")
@@ -75,7 +96,7 @@ def run_decode(model: Transformer, batch: int, prompt_len: int, new: int) -> dic
     end.record()
     end.synchronize()
     seconds = start.elapsed_time(end) / 1000
-    return {
+    row = {
         "batch": batch,
         "tokens_per_s": (new - 1) / seconds,
         "tokens_per_s_total": batch * (new - 1) / seconds,
@@ -83,6 +104,13 @@ def run_decode(model: Transformer, batch: int, prompt_len: int, new: int) -> dic
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "compile_s": compile_s,
     }
+    if profile_name is not None:
+        # A fresh cache and prefill, so the profiled steps stay inside the cache.
+        model.setup_caches(batch, prompt_len + new, dtype=torch.bfloat16, device="cuda")
+        token = model(prompt, input_pos)[:, -1:].argmax(-1)
+        row["gpu_kernel_ms_per_step"] = _profile_steps(step, model, token, input_pos[-1:] + 1,
+                                                       profile_name)
+    return row
 
 
 @torch.no_grad()
@@ -128,6 +156,7 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--torchao", default=",".join(CONFIGS), help="'' to skip torchao")
     p.add_argument("--out", default="decode")
+    p.add_argument("--profile", action="store_true", help="kernel tables and GPU busy time")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     base = build_bf16(args.layers, args.prompt + args.new)
@@ -147,7 +176,8 @@ def main() -> None:
             sq = logits_check(model, base_logits, check_prompt)
             weight_gib = model_bytes(model) / 2**30
             for batch in batches:
-                r = run_decode(model, batch, args.prompt, args.new)
+                name = f"{label.replace(':', '-')}_b{batch}" if args.profile else None
+                r = run_decode(model, batch, args.prompt, args.new, name)
                 r.update(config=label, logits_sqnr_vs_bf16_db=sq, weights_gib=weight_gib)
                 rows.append(r)
                 print(f"{label:<22} B={batch:<3} {r['tokens_per_s']:8.1f} tok/s  "
