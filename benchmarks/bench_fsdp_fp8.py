@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_fp8_training import not_output, train_step  # noqa: E402
 from common import conditions, write_result  # noqa: E402
 
 from lowbit.models import ModelArgs, Transformer, init_weights  # noqa: E402
@@ -47,10 +47,6 @@ from lowbit.training import (  # noqa: E402
 
 VARIANTS = ["bf16", "tensorwise", "tensorwise+fp8ag", "rowwise"]
 FP8_AG = "+fp8ag"
-
-
-def not_output(module: nn.Module, fqn: str) -> bool:
-    return fqn != "output"
 
 
 def build(variant: str, args: ModelArgs, device: str, backend: str) -> Transformer:
@@ -75,14 +71,10 @@ def build(variant: str, args: ModelArgs, device: str, backend: str) -> Transform
     return model
 
 
-def train_step(model, opt, tokens) -> torch.Tensor:
-    logits = model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def fsdp_train_step(model, opt, tokens) -> torch.Tensor:
+    loss = train_step(model, opt, tokens)
     precompute_fp8_scales(model)  # one all-reduce for all scales; a no-op without fp8ag
-    return loss.detach()
+    return loss
 
 
 def gathered_dtypes(model: Transformer) -> list[str]:
@@ -112,9 +104,9 @@ def run(variant: str, args: ModelArgs, opts) -> dict:
     precompute_fp8_scales(model)
     sync(device)
     t0 = time.perf_counter()
-    first_loss = train_step(model, opt, batches[0]).item()
+    first_loss = fsdp_train_step(model, opt, batches[0]).item()
     for i in range(1, opts.warmup):
-        train_step(model, opt, batches[i % 4])
+        fsdp_train_step(model, opt, batches[i % 4])
     sync(device)
     compile_s = time.perf_counter() - t0
     if device == "cuda":
@@ -122,7 +114,7 @@ def run(variant: str, args: ModelArgs, opts) -> dict:
     sync(device)
     t0 = time.perf_counter()
     for i in range(opts.steps):
-        loss = train_step(model, opt, batches[i % 4])
+        loss = fsdp_train_step(model, opt, batches[i % 4])
     sync(device)
     seconds = (time.perf_counter() - t0) / opts.steps
     peak = torch.tensor([torch.cuda.max_memory_allocated() if device == "cuda" else 0],

@@ -101,6 +101,7 @@ TITLES = {
     "fp8_convergence": "fp8 training convergence on real text (GPU: card in the conditions)",
     "fsdp_fp8": "FSDP2 training throughput per GPU, bf16 vs fp8 all-gather (GPU: card and "
                 "world_size in the conditions)",
+    "host_overhead": "Host time of one compiled decode call, GPU work removed (CPU)",
     "train_mx": "Emulated MXFP8 training vs bf16 on real text (GPU: card in the conditions)",
     "optim_speed": "Low-bit AdamW step time (GPU: card in the conditions)",
     "optim_convergence": "Low-bit AdamW convergence on real text (~100M params, GPU)",

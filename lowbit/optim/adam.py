@@ -35,7 +35,6 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 _FLOAT32_BLOCK = 1024
 
 
-
 class _LowBitAdam(torch.optim.Optimizer):
     m_codec: ClassVar[str]
     v_codec: ClassVar[str]
@@ -195,7 +194,7 @@ class _LowBitAdam(torch.optim.Optimizer):
 
     def _run_plan(self, plan: FusedPlan, grads: list, group: dict) -> None:
         """One multi-tensor step increment, then one Triton launch per `FusedLaunch`."""
-        from lowbit.kernels.triton.adam import launch_from_table_
+        from lowbit.kernels.triton.adam import fused_adam_step_
 
         torch._foreach_add_(plan.steps, 1.0)
         hypers: dict[torch.device, torch.Tensor] = {}
@@ -207,10 +206,10 @@ class _LowBitAdam(torch.optim.Optimizer):
             seed = None
             if self.bf16_stochastic_round and launch.p_dtype == torch.bfloat16:
                 seed = int(torch.randint(0, 2**31 - 1, ()))
-            launch_from_table_(table, hypers[launch.device], launch.m_format, launch.v_format,
-                               p_dtype=launch.p_dtype, g_dtype=launch.g_dtype,
-                               block=launch.block, decoupled=self.decoupled,
-                               stochastic_bf16_seed=seed)
+            fused_adam_step_(table, hypers[launch.device], launch.m_format, launch.v_format,
+                             p_dtype=launch.p_dtype, g_dtype=launch.g_dtype,
+                             block=launch.block, decoupled=self.decoupled,
+                             stochastic_bf16_seed=seed)
 
     @staticmethod
     def _hyper(group: dict, device: torch.device) -> torch.Tensor:

@@ -309,28 +309,6 @@ def aligned(t: torch.Tensor | None) -> bool:
 
 
 def fused_adam_step_(
-    params: list[FusedParam],
-    hyper: torch.Tensor,
-    m_format: MomentFormat,
-    v_format: MomentFormat,
-    *,
-    block: int,
-    decoupled: bool,
-    stochastic_bf16_seed: int | None,
-) -> None:
-    """Update every parameter and both its moments in place, in one launch.
-
-    All parameters share one dtype (and their gradients one dtype), the moment formats and the
-    device. hyper: float32 [lr, beta1, beta2, eps, weight_decay]. `block` is the quantized
-    moments' block (any power of two when both moments are FLOAT32)."""
-    if not params:
-        return
-    launch_from_table_(address_table(params), hyper, m_format, v_format,
-                       p_dtype=params[0].p.dtype, g_dtype=params[0].grad.dtype, block=block,
-                       decoupled=decoupled, stochastic_bf16_seed=stochastic_bf16_seed)
-
-
-def launch_from_table_(
     table: torch.Tensor,
     hyper: torch.Tensor,
     m_format: MomentFormat,
@@ -342,8 +320,13 @@ def launch_from_table_(
     decoupled: bool,
     stochastic_bf16_seed: int | None,
 ) -> None:
-    """`fused_adam_step_` from a ready `address_table` (host, int64 [8, T]), so a caller that
-    keeps the table between steps only rewrites the gradients' row."""
+    """Update every parameter of an `address_table` (host, int64 [8, T]) and both its
+    moments in place, in one launch. A caller that keeps the table between steps only
+    rewrites the gradients' row.
+
+    All parameters share one dtype (and their gradients one dtype), the moment formats and the
+    device. hyper: float32 [lr, beta1, beta2, eps, weight_decay] on that device. `block` is the
+    quantized moments' block (any power of two when both moments are FLOAT32)."""
     device = hyper.device
     values, warps = PROGRAM_SHAPE
     rows = max(1, values // block)
