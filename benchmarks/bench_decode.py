@@ -1,13 +1,15 @@
 """End-to-end decode: a Llama-style model at Llama-3-8B dimensions, static KV cache, the decode
-step compiled with CUDA graphs (torch.compile mode="reduce-overhead", fullgraph), random
-weights. bf16, lowbit configs and torchao 0.18's same configs, in one process.
+step compiled (fullgraph) and captured in a CUDA graph by GraphedDecodeStep (or, with
+--graphs trees, by torch.compile mode="reduce-overhead"), random weights. bf16, lowbit configs
+and torchao 0.18's same configs, in one process.
 
 Before timing, each quantized model's logits are compared with the bf16 model's on the
 same prompt (a sanity check: a broken kernel shows as a collapse of the SQNR).
 Writes results/decode.json. `--profile` also records 20 more decode steps under
 torch.profiler: a kernel table per config (results/decode_profile_<config>_b<batch>.txt) and
-the row's `gpu_kernel_ms_per_step`; set against `ms_per_step`, it says how much of a step the
-GPU is idle (host-bound) rather than busy.
+the row's `gpu_kernel_ms_per_step`, and the host time to issue a step (`host_ms_per_step`, with
+a cProfile table in results/decode_host_<config>_b<batch>.txt): set against `ms_per_step`, they
+say whether a step waits on the GPU or on the host.
 
     python benchmarks/bench_decode.py --layers 32 --batches 1,8 --new 256
 """
@@ -24,13 +26,20 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, conditions, model_bytes, torchao_configs, write_result  # noqa: E402
 
-from lowbit.models import ModelArgs, Transformer, decode_one_token, init_weights  # noqa: E402
+from lowbit.models import (  # noqa: E402
+    GraphedDecodeStep,
+    ModelArgs,
+    Transformer,
+    decode_one_token,
+    init_weights,
+)
 from lowbit.quantize import preset, quantize_  # noqa: E402
 
 CONFIGS = ["int8", "int4-g128", "int4-g64", "fp8", "fp8-dynamic", "int8-dynamic"]
@@ -64,19 +73,54 @@ def _profile_steps(step, model: Transformer, token: torch.Tensor, pos: torch.Ten
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"decode_profile_{name}.txt").write_text(
         events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
-    return sum(e.self_device_time_total for e in events) / steps / 1000
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in kernels) / steps / 1000
+
+
+def _host_steps(step, model: Transformer, token: torch.Tensor, pos: torch.Tensor, name: str,
+                steps: int = 30) -> float:
+    """Host time per decode step (ms): the CPU time to issue `steps` steps, the GPU left to run
+    behind. Next to ms_per_step it says whether the host is the bound. Also writes a cProfile
+    table of a second such run (results/decode_host_<config>.txt)."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        token = step(model, token, pos).clone()
+        pos = pos + 1
+    host_ms = (time.perf_counter() - t) * 1000 / steps
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        token = step(model, token, pos).clone()
+        pos = pos + 1
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    (RESULTS / f"decode_host_{name}.txt").write_text(text.getvalue())
+    return host_ms
 
 
 @torch.no_grad()
 def run_decode(model: Transformer, batch: int, prompt_len: int, new: int,
-               profile_name: str | None = None) -> dict:
+               profile_name: str | None = None, skip_guards: bool = False,
+               graphs: str = "trees") -> dict:
     torch.manual_seed(1)
     prompt = torch.randint(0, model.args.vocab_size, (batch, prompt_len), device="cuda")
     model.setup_caches(batch, prompt_len + new, dtype=torch.bfloat16, device="cuda")
     torch._dynamo.reset()
-    step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    counters.clear()
     input_pos = torch.arange(prompt_len, device="cuda")
     t0 = time.perf_counter()
+    if graphs == "trees":
+        step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    else:
+        step = GraphedDecodeStep(model, batch, torch.compile(decode_one_token, fullgraph=True))
     token = model(prompt, input_pos)[:, -1:].argmax(-1)
     pos = input_pos[-1:] + 1
     for _ in range(3):  # compile + graph capture, outside the timing
@@ -89,12 +133,13 @@ def run_decode(model: Transformer, batch: int, prompt_len: int, new: int,
     pos = input_pos[-1:] + 1
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(new - 1):
-        token = step(model, token, pos).clone()
-        pos = pos + 1
-    end.record()
-    end.synchronize()
+    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards):
+        start.record()
+        for _ in range(new - 1):
+            token = step(model, token, pos).clone()
+            pos = pos + 1
+        end.record()
+        end.synchronize()
     seconds = start.elapsed_time(end) / 1000
     row = {
         "batch": batch,
@@ -105,11 +150,17 @@ def run_decode(model: Transformer, batch: int, prompt_len: int, new: int,
         "compile_s": compile_s,
     }
     if profile_name is not None:
-        # A fresh cache and prefill, so the profiled steps stay inside the cache.
-        model.setup_caches(batch, prompt_len + new, dtype=torch.bfloat16, device="cuda")
-        token = model(prompt, input_pos)[:, -1:].argmax(-1)
-        row["gpu_kernel_ms_per_step"] = _profile_steps(step, model, token, input_pos[-1:] + 1,
-                                                       profile_name)
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards):
+            # A fresh cache and prefill, so the profiled steps stay inside the cache.
+            model.setup_caches(batch, prompt_len + new, dtype=torch.bfloat16, device="cuda")
+            token = model(prompt, input_pos)[:, -1:].argmax(-1)
+            row["gpu_kernel_ms_per_step"] = _profile_steps(step, model, token, input_pos[-1:] + 1,
+                                                           profile_name)
+            model.setup_caches(batch, prompt_len + new, dtype=torch.bfloat16, device="cuda")
+            token = model(prompt, input_pos)[:, -1:].argmax(-1)
+            row["host_ms_per_step"] = _host_steps(step, model, token, input_pos[-1:] + 1,
+                                                  profile_name)
+            row["cudagraph_skips"] = dict(counters["inductor"]).get("cudagraph_skips", 0)
     return row
 
 
@@ -157,7 +208,15 @@ def main() -> None:
     p.add_argument("--torchao", default=",".join(CONFIGS), help="'' to skip torchao")
     p.add_argument("--out", default="decode")
     p.add_argument("--profile", action="store_true", help="kernel tables and GPU busy time")
+    p.add_argument("--skip-guards", action="store_true",
+                   help="time under torch.compiler.set_stance(skip_guard_eval_unsafe=True), the "
+                        "serving setting that skips dynamo's guard checks once warmed up")
+    p.add_argument("--graphs", choices=("trees", "manual"), default="manual",
+                   help="trees: torch.compile mode='reduce-overhead'; manual: the compiled step "
+                        "captured once by lowbit.models.GraphedDecodeStep (no per-call guards)")
     args = p.parse_args()
+    if args.profile:
+        torch._logging.set_logs(perf_hints=True)  # says why a graph is not CUDA-graphed
     batches = [int(b) for b in args.batches.split(",")]
     base = build_bf16(args.layers, args.prompt + args.new)
     torch.manual_seed(2)
@@ -177,7 +236,8 @@ def main() -> None:
             weight_gib = model_bytes(model) / 2**30
             for batch in batches:
                 name = f"{label.replace(':', '-')}_b{batch}" if args.profile else None
-                r = run_decode(model, batch, args.prompt, args.new, name)
+                r = run_decode(model, batch, args.prompt, args.new, name, args.skip_guards,
+                               args.graphs)
                 r.update(config=label, logits_sqnr_vs_bf16_db=sq, weights_gib=weight_gib)
                 rows.append(r)
                 print(f"{label:<22} B={batch:<3} {r['tokens_per_s']:8.1f} tok/s  "
@@ -201,8 +261,11 @@ def _save(args: argparse.Namespace, rows: list[dict]) -> Path:
                          and b.get("batch") == r.get("batch")), None)
         if base_row and "tokens_per_s" in r:
             r["speedup_vs_bf16"] = r["tokens_per_s"] / base_row["tokens_per_s"]
+    compiled = ("reduce-overhead, fullgraph" if args.graphs == "trees"
+                else "fullgraph, captured by GraphedDecodeStep")
     cond = conditions() | {"layers": args.layers, "prompt": args.prompt, "new_tokens": args.new,
-                           "model": "llama3-8b dims", "compile": "reduce-overhead, fullgraph"}
+                           "model": "llama3-8b dims", "compile": compiled,
+                           "skip_guard_eval_unsafe": args.skip_guards}
     return write_result(args.out, {"conditions": cond, "rows": rows})
 
 

@@ -28,20 +28,24 @@ def _fmt(v, digits=2):
 
 def decode_section(data: dict) -> list[str]:
     rows = data["rows"]
+    timed = any("host_ms_per_step" in r for r in rows)  # a --profile run: where a step goes
+    extra = " GPU kernel ms/step | host ms/step |" if timed else ""
     out = ["## End-to-end decode", "", _conditions(data["conditions"]), "",
            data["conditions"].get("note", ""), "",
            "| config | batch | tokens/s (per sequence) | vs bf16 | ms/step | peak GiB | "
-           "weights GiB | logits SQNR vs bf16 (dB) |",
-           "|---|---|---|---|---|---|---|---|"]
+           "weights GiB | logits SQNR vs bf16 (dB) |" + extra,
+           "|---|---|---|---|---|---|---|---|" + ("---|---|" if timed else "")]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['config']} | - | error: {r['error'][:80]} | | | | | |")
             continue
+        cells = (f" {_fmt(r.get('gpu_kernel_ms_per_step'))} | {_fmt(r.get('host_ms_per_step'))} |"
+                 if timed else "")
         out.append(
             f"| {r['config']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
             f"{_fmt(r.get('speedup_vs_bf16'))}x | {r['ms_per_step']:.2f} | "
             f"{r['peak_mem_gib']:.1f} | {_fmt(r.get('weights_gib'))} | "
-            f"{_fmt(r['logits_sqnr_vs_bf16_db'], 1)} |"
+            f"{_fmt(r['logits_sqnr_vs_bf16_db'], 1)} |" + cells
         )
     return out
 

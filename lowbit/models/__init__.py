@@ -1,5 +1,6 @@
 """Reference Llama-style transformer with a static KV cache, used by benchmarks and tests."""
 
+from lowbit.models.graphed import GraphedDecodeStep
 from lowbit.models.llama import (
     KVCache,
     ModelArgs,
@@ -11,6 +12,7 @@ from lowbit.models.llama import (
 )
 
 __all__ = [
+    "GraphedDecodeStep",
     "KVCache",
     "ModelArgs",
     "Transformer",

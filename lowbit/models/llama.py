@@ -215,19 +215,37 @@ class Transformer(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """Allocate zeroed per-layer K/V caches; dtype and device default to the embedding's."""
+        """Zeroed per-layer K/V caches; dtype and device default to the embedding's.
+
+        Caches of the same shape, dtype and device are zeroed in place rather than replaced: a
+        compiled decode step captured in a CUDA graph keeps reading the same buffers, where new
+        ones would force the graph to be recorded again on the next call.
+        """
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(
                 f"cache length {max_seq_len} exceeds max_seq_len {self.args.max_seq_len}"
             )
         weight = self.tok_embeddings.weight
         dtype = dtype or weight.dtype
-        device = device or weight.device
+        device = torch.empty(0, device=device or weight.device).device  # "cuda" -> "cuda:0"
+        shape = (max_batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(
-                max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype, device
-            )
+            cache = layer.attention.kv_cache
+            if (cache is None or cache.k.shape != shape or cache.k.dtype != dtype
+                    or cache.k.device != device):
+                layer.attention.kv_cache = KVCache(
+                    max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype,
+                    device,
+                )
         self.max_batch_size, self.cache_len = max_batch_size, max_seq_len
+        self.reset_caches()
+
+    def reset_caches(self) -> None:
+        """Zero the K/V caches in place (a new generation over the same buffers)."""
+        for layer in self.layers:
+            if layer.attention.kv_cache is not None:
+                layer.attention.kv_cache.k.zero_()
+                layer.attention.kv_cache.v.zero_()
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
         """Logits [B, T, vocab] for tokens [B, T].

@@ -154,3 +154,16 @@ def test_bad_inputs_give_clear_errors():
         model(tokens(2, 2), torch.arange(2))
     with pytest.raises(ValueError, match="max_seq_len"):
         model.setup_caches(max_batch_size=1, max_seq_len=TINY.max_seq_len + 1)
+
+
+def test_setup_caches_reuses_buffers_of_the_same_shape():
+    """A CUDA-graphed decode step keeps reading the same cache buffers across generations."""
+    model = Transformer(TINY)
+    model.setup_caches(max_batch_size=1, max_seq_len=8)
+    cache = model.layers[0].attention.kv_cache
+    cache.k.fill_(1.0)
+    model.setup_caches(max_batch_size=1, max_seq_len=8)
+    assert model.layers[0].attention.kv_cache.k is cache.k
+    assert cache.k.abs().sum() == 0
+    model.setup_caches(max_batch_size=2, max_seq_len=8)
+    assert model.layers[0].attention.kv_cache.k.shape[0] == 2
