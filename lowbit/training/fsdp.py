@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from lowbit.formats.fp8 import fp8_scale_from_amax, quantize_fp8
+from lowbit.formats.fp8 import fp8_scale_from_amax, saturating_cast
 from lowbit.training.recipes import Float8TrainingRecipe
 
 aten = torch.ops.aten
@@ -86,8 +86,7 @@ class Float8AllGatherWeight(torch.Tensor):
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         """This shard cast to fp8 with the whole weight's scale (the all-gather input)."""
         scale = self._scale(mesh)
-        block = tuple(self._hp.shape)
-        data = quantize_fp8(self._hp, scale, block, self.recipe.forward_dtype)
+        data = cast_shard_to_fp8(self._hp, scale, self.recipe.forward_dtype)
         # An uneven last shard is padded to the others' rows (zeros are exact in fp8).
         rows = math.ceil(outer_size[0] / mesh.size())
         if data.shape[0] < rows:
@@ -107,9 +106,27 @@ class Float8AllGatherWeight(torch.Tensor):
     def _scale(self, mesh) -> torch.Tensor:
         if self._precomputed is not None and self._precomputed[1] == self._hp._version:
             return self._precomputed[0]
-        amax = self._hp.detach().abs().amax().float().reshape(1, 1)
+        amax = shard_amaxes([self._hp.detach()]).reshape(1, 1)
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
         return fp8_scale_from_amax(amax, self.recipe.forward_dtype, self.recipe.power_of_2_scales)
+
+
+def _cast_to_fp8(hp: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return saturating_cast(hp.float() / scale, dtype)
+
+
+# One kernel (read the shard, write fp8) in place of eager's four passes (float, divide, clamp,
+# cast) through fp32 temporaries; inductor's division is IEEE-rounded, so the codes are equal.
+_cast_to_fp8_fused = torch.compile(_cast_to_fp8, fullgraph=True)
+
+
+def cast_shard_to_fp8(hp: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                      fused: bool | None = None) -> torch.Tensor:
+    """hp / scale saturated to fp8 (scale: one float32 element). FSDP2 runs this eagerly on every
+    weight shard before each all-gather (forward and backward), so on CUDA it runs compiled
+    (`fused` overrides the choice)."""
+    use_fused = hp.is_cuda if fused is None else fused
+    return (_cast_to_fp8_fused if use_fused else _cast_to_fp8)(hp, scale, dtype)
 
 
 class Float8GatheredWeight(torch.Tensor):
@@ -180,19 +197,35 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def shard_amaxes(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """max |x| of each tensor as float32 [len(tensors)], from one multi-tensor launch
+    (`_foreach_norm` with ord=inf, exact in any dtype). An empty shard gives 0: FSDP2 leaves a
+    process no rows of a weight with fewer rows than processes."""
+    out = torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device)
+    filled = [i for i, t in enumerate(tensors) if t.numel()]
+    if filled:
+        norms = torch._foreach_norm([tensors[i] for i in filled], math.inf)
+        out[filled] = torch.stack(norms).float()
+    return out
+
+
 @torch.no_grad()
 def precompute_fp8_scales(model: nn.Module) -> None:
     """Every fp8-all-gathered weight's scale from one all-reduce of all their shards' amaxes
-    (call after `optimizer.step()`; a no-op without such weights)."""
+    (call after `optimizer.step()`; a no-op without such weights). The amaxes come from one
+    multi-tensor launch and the scales from one small vector op per recipe."""
     params = [p for p in model.parameters() if isinstance(_local(p), Float8AllGatherWeight)]
     if not params:
         return
     shards = [_local(p) for p in params]
-    amax = torch.stack([s._hp.abs().amax().float() for s in shards])
+    amax = shard_amaxes([s._hp for s in shards])
     if hasattr(params[0], "device_mesh"):
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=params[0].device_mesh.get_group())
-    for shard, a in zip(shards, amax):
-        recipe = shard.recipe
-        scale = fp8_scale_from_amax(a.reshape(1, 1), recipe.forward_dtype,
-                                    recipe.power_of_2_scales)
-        shard._precomputed = (scale, shard._hp._version)
+    by_recipe: dict[tuple[torch.dtype, bool], list[int]] = {}
+    for i, shard in enumerate(shards):
+        key = (shard.recipe.forward_dtype, shard.recipe.power_of_2_scales)
+        by_recipe.setdefault(key, []).append(i)
+    for (dtype, power_of_2), index in by_recipe.items():
+        scales = fp8_scale_from_amax(amax[index].reshape(-1, 1, 1), dtype, power_of_2)
+        for i, scale in zip(index, scales):
+            shards[i]._precomputed = (scale, shards[i]._hp._version)

@@ -109,3 +109,52 @@ def test_fully_shard_matches_unsharded():
     # spawn, not fork: earlier tests (torch.compile) leave threads behind, and forking a
     # process with threads can deadlock the children.
     mp.start_processes(_worker, args=(_free_port(),), nprocs=WORLD, start_method="spawn")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fused_shard_cast_gives_the_eager_codes(dtype):
+    """The compiled shard cast FSDP2 runs on CUDA writes the same fp8 bytes as the eager one,
+    saturation included (inputs beyond +/-max after scaling)."""
+    from lowbit.formats.fp8 import quantize_fp8
+    from lowbit.training.fsdp import cast_shard_to_fp8
+
+    gen = torch.Generator().manual_seed(0)
+    hp = (torch.randn(48, 80, generator=gen) * 3).to(torch.bfloat16)
+    hp[0, :4] = torch.tensor([1e4, -1e4, 0.0, -0.0])
+    scale = torch.tensor([[0.0123]])
+    fused = cast_shard_to_fp8(hp, scale, dtype, fused=True)
+    eager = cast_shard_to_fp8(hp, scale, dtype, fused=False)
+    reference = quantize_fp8(hp, scale, tuple(hp.shape), dtype)
+    assert torch.equal(fused.view(torch.uint8), eager.view(torch.uint8))
+    assert torch.equal(eager.view(torch.uint8), reference.view(torch.uint8))
+
+
+def test_precomputed_scales_are_each_weights_amax():
+    """One multi-tensor amax over all shards gives every weight the scale of its own amax."""
+    from lowbit.formats.fp8 import fp8_scale_from_amax
+    from lowbit.training.fsdp import Float8AllGatherWeight
+
+    model = Transformer(ModelArgs.from_name("tiny")).to(torch.bfloat16)
+    init_weights(model, seed=0)
+    convert_to_float8_training(model, "tensorwise")
+    wrapped = enable_fp8_all_gather(model)
+    assert wrapped > 0
+    precompute_fp8_scales(model)
+    checked = 0
+    for p in model.parameters():
+        if isinstance(p, Float8AllGatherWeight):
+            scale, version = p._precomputed
+            expected = fp8_scale_from_amax(p._hp.abs().amax().float().reshape(1, 1),
+                                           p.recipe.forward_dtype)
+            assert version == p._hp._version
+            assert torch.equal(scale.reshape(1, 1), expected)
+            checked += 1
+    assert checked == wrapped
+
+
+def test_shard_amaxes_handles_empty_shards():
+    from lowbit.training.fsdp import shard_amaxes
+
+    shards = [torch.tensor([[1.0, -3.5]], dtype=torch.bfloat16), torch.empty(0, 2),
+              torch.tensor([-0.25])]
+    assert shard_amaxes(shards).tolist() == [3.5, 0.0, 0.25]
