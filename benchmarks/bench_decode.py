@@ -41,8 +41,12 @@ from lowbit.models import (  # noqa: E402
     init_weights,
 )
 from lowbit.quantize import preset, quantize_  # noqa: E402
+from lowbit.sparsity import Sparse24, sparsify_  # noqa: E402
 
 CONFIGS = ["int8", "int4-g128", "int4-g64", "fp8", "fp8-dynamic", "int8-dynamic"]
+# 2:4 by magnitude (random weights: the speed, not the accuracy, is measured here), kept values
+# in bf16 or int4 g128; pass them with --configs.
+SPARSE = {"sparse24": Sparse24(), "sparse24-int4": Sparse24(bits=4, group_size=128)}
 
 
 def build_bf16(layers: int, max_seq: int) -> Transformer:
@@ -190,7 +194,9 @@ def quantized_copy(base: Transformer, name: str, use_torchao: bool):
 
             ao_quantize_(model, torchao_configs()[name])
         else:
-            summary = quantize_(model, preset(name), show_progress=False)
+            config = SPARSE[name] if name in SPARSE else preset(name)
+            apply = sparsify_ if name in SPARSE else quantize_
+            summary = apply(model, config, show_progress=False)
             if summary.skipped:
                 print(f"  skipped: {summary.skipped}")
     if static:
