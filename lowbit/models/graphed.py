@@ -42,6 +42,7 @@ class GraphedDecodeStep:
         if model.cache_len == 0 or batch > model.max_batch_size:
             raise RuntimeError(f"call model.setup_caches() for batch {batch} before capturing")
         self.model, self.temperature, self.top_k = model, temperature, top_k
+        self._cache_generation = model.cache_generation
         self._token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self._pos = torch.zeros(1, dtype=torch.long, device=device)
         with torch.no_grad():
@@ -67,6 +68,11 @@ class GraphedDecodeStep:
         """Next token [B, 1]; the returned tensor is overwritten by the next call (clone it)."""
         if model is not self.model:
             raise ValueError("this step was captured for another model")
+        if model.cache_generation != self._cache_generation:
+            raise RuntimeError(
+                "the KV caches were reallocated after capture (setup_caches with another shape, "
+                "dtype or device); the graph still reads the old ones: capture the step again"
+            )
         if (temperature, top_k) != (self.temperature, self.top_k):
             raise ValueError(
                 f"captured with temperature={self.temperature}, top_k={self.top_k}; "

@@ -207,6 +207,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.max_batch_size = 0  # capacity of the KV caches; 0 while none are set up
         self.cache_len = 0
+        # Bumped whenever cache buffers are replaced: a captured CUDA graph reads the old ones.
+        self.cache_generation = 0
 
     def setup_caches(
         self,
@@ -229,6 +231,7 @@ class Transformer(nn.Module):
         dtype = dtype or weight.dtype
         device = torch.empty(0, device=device or weight.device).device  # "cuda" -> "cuda:0"
         shape = (max_batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim)
+        replaced = False
         for layer in self.layers:
             cache = layer.attention.kv_cache
             if (cache is None or cache.k.shape != shape or cache.k.dtype != dtype
@@ -237,6 +240,9 @@ class Transformer(nn.Module):
                     max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype,
                     device,
                 )
+                replaced = True
+        if replaced:
+            self.cache_generation += 1
         self.max_batch_size, self.cache_len = max_batch_size, max_seq_len
         self.reset_caches()
 

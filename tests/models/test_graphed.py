@@ -51,3 +51,16 @@ def test_graphed_generate_matches_plain(config):
         step(model, prompt[:, :1], torch.tensor([5], device="cuda"), temperature=0.5)
     with pytest.raises(ValueError, match="captured for token"):
         step(model, prompt[:1, :1], torch.tensor([5], device="cuda"))
+
+
+@pytest.mark.cuda
+def test_reallocated_caches_are_refused():
+    model = _model("cuda", torch.bfloat16)
+    model.setup_caches(1, 16, dtype=torch.bfloat16, device="cuda")
+    step = GraphedDecodeStep(model, batch=1)
+    token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([0], device="cuda")
+    step(model, token, pos)
+    model.setup_caches(1, 32, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="capture the step again"):
+        step(model, token, pos)

@@ -162,8 +162,11 @@ def test_setup_caches_reuses_buffers_of_the_same_shape():
     model.setup_caches(max_batch_size=1, max_seq_len=8)
     cache = model.layers[0].attention.kv_cache
     cache.k.fill_(1.0)
+    generation = model.cache_generation
     model.setup_caches(max_batch_size=1, max_seq_len=8)
     assert model.layers[0].attention.kv_cache.k is cache.k
     assert cache.k.abs().sum() == 0
+    assert model.cache_generation == generation
     model.setup_caches(max_batch_size=2, max_seq_len=8)
     assert model.layers[0].attention.kv_cache.k.shape[0] == 2
+    assert model.cache_generation == generation + 1
