@@ -17,7 +17,9 @@ say whether a step waits on the GPU or on the host.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import gc
 import math
 import sys
@@ -40,6 +42,7 @@ from lowbit.models import (  # noqa: E402
     decode_one_token,
     init_weights,
 )
+from lowbit.models.llama import TransformerBlock  # noqa: E402
 from lowbit.quantize import preset, quantize_  # noqa: E402
 from lowbit.sparsity import Sparse24, sparsify_  # noqa: E402
 
@@ -110,10 +113,35 @@ def _host_steps(step, model: Transformer, token: torch.Tensor, pos: torch.Tensor
     return host_ms
 
 
+@contextlib.contextmanager
+def compiled_blocks(model: Transformer):
+    """Compile the transformer block, not the whole step: one graph serves all blocks (their
+    weights are its inputs), so compiling takes seconds instead of most of a minute. The blocks
+    get their plain forward back on exit (the model is deep-copied for the next config)."""
+    compiled = torch.compile(TransformerBlock.forward, fullgraph=True)
+    for layer in model.layers:
+        layer.forward = functools.partial(compiled, layer)
+    try:
+        yield
+    finally:
+        for layer in model.layers:
+            del layer.forward
+
+
+def decode_step(model: Transformer, batch: int, args: argparse.Namespace):
+    """The step to time: compiled whole (or per block) and captured by GraphedDecodeStep, or
+    compiled with mode="reduce-overhead" (`--graphs trees`)."""
+    if args.graphs == "trees":
+        return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    fn = decode_one_token if args.compile == "blocks" else torch.compile(decode_one_token,
+                                                                          fullgraph=True)
+    return GraphedDecodeStep(model, batch, fn)
+
+
 @torch.no_grad()
-def run_decode(model: Transformer, batch: int, prompt_len: int, new: int,
-               profile_name: str | None = None, skip_guards: bool = False,
-               graphs: str = "trees") -> dict:
+def run_decode(model: Transformer, batch: int, args: argparse.Namespace,
+               profile_name: str | None = None) -> dict:
+    prompt_len, new, skip_guards = args.prompt, args.new, args.skip_guards
     torch.manual_seed(1)
     prompt = torch.randint(0, model.args.vocab_size, (batch, prompt_len), device="cuda")
     model.setup_caches(batch, prompt_len + new, dtype=torch.bfloat16, device="cuda")
@@ -121,10 +149,7 @@ def run_decode(model: Transformer, batch: int, prompt_len: int, new: int,
     counters.clear()
     input_pos = torch.arange(prompt_len, device="cuda")
     t0 = time.perf_counter()
-    if graphs == "trees":
-        step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    else:
-        step = GraphedDecodeStep(model, batch, torch.compile(decode_one_token, fullgraph=True))
+    step = decode_step(model, batch, args)
     token = model(prompt, input_pos)[:, -1:].argmax(-1)
     pos = input_pos[-1:] + 1
     for _ in range(3):  # compile + graph capture, outside the timing
@@ -220,7 +245,13 @@ def main() -> None:
     p.add_argument("--graphs", choices=("trees", "manual"), default="manual",
                    help="trees: torch.compile mode='reduce-overhead'; manual: the compiled step "
                         "captured once by lowbit.models.GraphedDecodeStep (no per-call guards)")
+    p.add_argument("--compile", choices=("step", "blocks"), default="step",
+                   help="step: the whole decode step is one graph; blocks: one graph for the "
+                        "transformer block, reused by every layer (much faster to compile; "
+                        "needs --graphs manual)")
     args = p.parse_args()
+    if args.compile == "blocks" and args.graphs != "manual":
+        p.error("--compile blocks needs --graphs manual")
     if args.profile:
         torch._logging.set_logs(perf_hints=True)  # says why a graph is not CUDA-graphed
     batches = [int(b) for b in args.batches.split(",")]
@@ -241,9 +272,10 @@ def main() -> None:
             sq = logits_check(model, base_logits, check_prompt)
             weight_gib = model_bytes(model) / 2**30
             for batch in batches:
-                name = f"{label.replace(':', '-')}_b{batch}" if args.profile else None
-                r = run_decode(model, batch, args.prompt, args.new, name, args.skip_guards,
-                               args.graphs)
+                profile = f"{label.replace(':', '-')}_b{batch}" if args.profile else None
+                blocks = args.compile == "blocks"
+                with compiled_blocks(model) if blocks else contextlib.nullcontext():
+                    r = run_decode(model, batch, args, profile)
                 r.update(config=label, logits_sqnr_vs_bf16_db=sq, weights_gib=weight_gib)
                 rows.append(r)
                 print(f"{label:<22} B={batch:<3} {r['tokens_per_s']:8.1f} tok/s  "
@@ -268,7 +300,7 @@ def _save(args: argparse.Namespace, rows: list[dict]) -> Path:
         if base_row and "tokens_per_s" in r:
             r["speedup_vs_bf16"] = r["tokens_per_s"] / base_row["tokens_per_s"]
     compiled = ("reduce-overhead, fullgraph" if args.graphs == "trees"
-                else "fullgraph, captured by GraphedDecodeStep")
+                else f"fullgraph ({args.compile}), captured by GraphedDecodeStep")
     cond = conditions() | {"layers": args.layers, "prompt": args.prompt, "new_tokens": args.new,
                            "model": "llama3-8b dims", "compile": compiled,
                            "skip_guard_eval_unsafe": args.skip_guards}
