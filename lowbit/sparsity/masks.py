@@ -11,15 +11,16 @@ from __future__ import annotations
 import torch
 
 
-def mask_24(scores: torch.Tensor) -> torch.Tensor:
+def mask_24(scores: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
     """Bool mask of scores' shape keeping the 2 largest of every 4 along the last dim.
 
     Ties keep the earlier column (a stable sort), so equal scores give the same mask on every
-    run and device."""
+    run and device. `check_finite=False` skips the NaN/Inf check, a host sync: sparse training
+    recomputes masks in every step, where a NaN shows in the loss anyway."""
     *lead, k = scores.shape
     if k % 4:
         raise ValueError(f"2:4 sparsity needs the last dim divisible by 4, got {k}")
-    if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
+    if check_finite and scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
         raise ValueError("2:4 mask scores contain NaN/Inf")
     groups = scores.reshape(-1, k // 4, 4)
     order = groups.sort(dim=-1, descending=True, stable=True).indices

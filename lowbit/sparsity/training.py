@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.sparsity.api import Sparse24, sparse_weight
-from lowbit.sparsity.masks import magnitude_mask
+from lowbit.sparsity.masks import mask_24
 
 
 class _Sparse24Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, decay: float):
-        mask = magnitude_mask(weight)
+        mask = mask_24(weight.detach().abs(), check_finite=False)  # no host sync in the step
         w_sparse = weight * mask
         ctx.save_for_backward(x, w_sparse, mask if decay else None, weight if decay else None)
         ctx.decay = decay

@@ -74,3 +74,17 @@ def test_sparse_training_learns_and_finalizes():
     assert type(model.mlp[0]) is nn.Linear and isinstance(model.mlp[0].weight, Sparse24Weight)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
+
+
+def test_sparse_linear_compiles_without_graph_breaks():
+    """The per-step mask has no host sync, so a training step compiles as one graph."""
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounter()
+    x = torch.randn(3, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    torch._dynamo.reset()
+    out = torch.compile(sparse24_linear, backend=counter, fullgraph=True)(x, w)
+    out.sum().backward()
+    assert counter.frame_count == 1
+    torch.testing.assert_close(out, F.linear(x, w * magnitude_mask(w)), rtol=0, atol=0)
