@@ -157,12 +157,28 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+        y = self._attend(q, k, v, mask)
+        return self.wo(y.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """SDPA where query head h reads K/V head h // groups.
+
+        With a mask (the KV-cache path) the `groups` query heads of one K/V head are folded into
+        its query rows ([B, H_kv, groups * T, D]), so K/V are read as they are; repeating them
+        per query head would copy the whole cache on every decode step. Without a mask, causal
+        attention needs each row at its own position, so K/V are repeated instead.
+        """
         groups = self.n_heads // self.n_kv_heads
-        if groups > 1:  # query head h reads K/V head h // groups
+        if groups == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if mask is None:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.wo(y.transpose(1, 2).reshape(batch, seq, -1))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        batch, _, seq, dim = q.shape
+        folded = q.reshape(batch, self.n_kv_heads, groups * seq, dim)
+        y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.repeat(groups, 1))
+        return y.view(batch, self.n_heads, seq, dim)
 
 
 class FeedForward(nn.Module):

@@ -88,6 +88,12 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     seq = tokens(2, 9)
     assert gqa.layers[0].attention.wk.weight.shape == (TINY.n_kv_heads * TINY.head_dim, TINY.dim)
     torch.testing.assert_close(gqa(seq), mha(seq))
+    # the KV-cache path folds the query heads of a K/V head instead of repeating K/V
+    for model in (gqa, mha):
+        model.setup_caches(max_batch_size=2, max_seq_len=16)
+    prefill, step = seq[:, :6], seq[:, 6:7]
+    torch.testing.assert_close(gqa(prefill, torch.arange(6)), mha(prefill, torch.arange(6)))
+    torch.testing.assert_close(gqa(step, torch.tensor([6])), mha(step, torch.tensor([6])))
 
 
 def test_greedy_generate_is_deterministic_and_matches_full_forward_argmax():
