@@ -148,18 +148,22 @@ def run_decode(model: Transformer, batch: int, args: argparse.Namespace,
     torch._dynamo.reset()
     counters.clear()
     input_pos = torch.arange(prompt_len, device="cuda")
+
+    def prefill() -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed caches (the same buffers, so a captured graph stays valid), then the prompt:
+        the first token and position of a decode run."""
+        model.reset_caches()
+        return model(prompt, input_pos)[:, -1:].argmax(-1), input_pos[-1:] + 1
+
     t0 = time.perf_counter()
     step = decode_step(model, batch, args)
-    token = model(prompt, input_pos)[:, -1:].argmax(-1)
-    pos = input_pos[-1:] + 1
+    token, pos = prefill()
     for _ in range(3):  # compile + graph capture, outside the timing
         step(model, token, pos).clone()
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
-    model.setup_caches(batch, prompt_len + new, dtype=torch.bfloat16, device="cuda")
     torch.cuda.reset_peak_memory_stats()
-    token = model(prompt, input_pos)[:, -1:].argmax(-1)
-    pos = input_pos[-1:] + 1
+    token, pos = prefill()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards):
@@ -180,15 +184,9 @@ def run_decode(model: Transformer, batch: int, args: argparse.Namespace,
     }
     if profile_name is not None:
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guards):
-            # A fresh cache and prefill, so the profiled steps stay inside the cache.
-            model.setup_caches(batch, prompt_len + new, dtype=torch.bfloat16, device="cuda")
-            token = model(prompt, input_pos)[:, -1:].argmax(-1)
-            row["gpu_kernel_ms_per_step"] = _profile_steps(step, model, token, input_pos[-1:] + 1,
-                                                           profile_name)
-            model.setup_caches(batch, prompt_len + new, dtype=torch.bfloat16, device="cuda")
-            token = model(prompt, input_pos)[:, -1:].argmax(-1)
-            row["host_ms_per_step"] = _host_steps(step, model, token, input_pos[-1:] + 1,
-                                                  profile_name)
+            # Each from a fresh prefill, so the steps stay inside the cache.
+            row["gpu_kernel_ms_per_step"] = _profile_steps(step, model, *prefill(), profile_name)
+            row["host_ms_per_step"] = _host_steps(step, model, *prefill(), profile_name)
             row["cudagraph_skips"] = dict(counters["inductor"]).get("cudagraph_skips", 0)
     return row
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, conditions, write_result  # noqa: E402
 
-from lowbit.eval.corpora import load_text  # noqa: E402
+from lowbit.eval.corpora import byte_tokens, load_text, random_windows  # noqa: E402
 from lowbit.models.llama import ModelArgs, Transformer, init_weights  # noqa: E402
 from lowbit.optim import AdamW4bit, AdamW8bit, AdamWFp8, state_storage_bytes  # noqa: E402
 
@@ -47,10 +47,6 @@ COLORS = {
     "adamw-fp32": (0, 0, 0), "adamw8bit": (31, 119, 180), "adamw4bit": (214, 39, 40),
     "adamwfp8": (44, 160, 44),
 }
-
-
-def byte_tokens(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
 
 
 def make_model(args: argparse.Namespace) -> Transformer:
@@ -100,8 +96,7 @@ def run(name: str, train: torch.Tensor, windows: torch.Tensor, args) -> dict:
     curve, evals = [], []
     start = time.perf_counter()
     for step in range(args.steps):
-        idx = torch.randint(0, len(train) - args.seq - 1, (args.batch,), generator=gen)
-        batch = torch.stack([train[i : i + args.seq + 1] for i in idx.tolist()]).to(args.device)
+        batch = random_windows(train, args.batch, args.seq, gen).to(args.device)
         loss = loss_of(model, batch, args.device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from lowbit.eval import load_text
+from lowbit.eval import byte_tokens, load_text, random_windows
 from lowbit.models import ModelArgs, Transformer, init_weights
 from lowbit.training import (
     RECIPE_NAMES,
@@ -28,15 +28,6 @@ from lowbit.training import (
     enable_fp8_all_gather,
     precompute_fp8_scales,
 )
-
-
-def byte_tokens(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
-
-
-def random_windows(tokens: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
-    starts = torch.randint(0, len(tokens) - seq - 1, (batch,), generator=gen).tolist()
-    return torch.stack([tokens[s : s + seq + 1] for s in starts])
 
 
 def logits_of(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:

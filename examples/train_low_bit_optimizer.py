@@ -17,15 +17,11 @@ import io
 import torch
 import torch.nn.functional as F
 
-from lowbit.eval import load_text
+from lowbit.eval import byte_tokens, load_text, random_windows
 from lowbit.models import ModelArgs, Transformer, init_weights
 from lowbit.optim import AdamW4bit, AdamW8bit, AdamWFp8, CPUOffloadOptimizer, state_storage_bytes
 
 OPTIMIZERS = {"4bit": AdamW4bit, "8bit": AdamW8bit, "fp8": AdamWFp8}
-
-
-def byte_tokens(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
 
 
 def make_model(args: argparse.Namespace, seed: int) -> Transformer:
@@ -47,8 +43,7 @@ def train(model, opt, tokens: torch.Tensor, steps: range, args) -> list[float]:
     for step in steps:
         # The batch depends only on the step number, so a resumed run sees the same data.
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        starts = torch.randint(0, len(tokens) - args.seq - 1, (args.batch,), generator=gen)
-        batch = torch.stack([tokens[s : s + args.seq + 1] for s in starts.tolist()])
+        batch = random_windows(tokens, args.batch, args.seq, gen)
         loss = lm_loss(model, batch.to(args.device))
         loss.backward()
         opt.step()

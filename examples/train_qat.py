@@ -24,12 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from lowbit import IntWeight, IntxWeightOnly, PerGroup, qat, quantize_
-from lowbit.eval import load_text
+from lowbit.eval import byte_tokens, load_text, random_windows
 from lowbit.models import ModelArgs, Transformer, init_weights
-
-
-def byte_tokens(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
 
 
 def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -43,8 +39,7 @@ def train(model, tokens: torch.Tensor, steps: range, args) -> list[float]:
     for step in steps:
         # Batches depend only on the step number: the QAT and fine-tune runs see the same data.
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        starts = torch.randint(0, len(tokens) - args.seq - 1, (args.batch,), generator=gen)
-        batch = torch.stack([tokens[s : s + args.seq + 1] for s in starts.tolist()])
+        batch = random_windows(tokens, args.batch, args.seq, gen)
         loss = lm_loss(model, batch.to(args.device))
         loss.backward()
         opt.step()

@@ -1,7 +1,15 @@
 """Accuracy evaluation on real, offline assets: text corpora, SmolLM2 and perplexity, MiniLM
 embedding similarity."""
 
-from lowbit.eval.corpora import CORPORA, SPLITS, cache_dir, load_documents, load_text
+from lowbit.eval.corpora import (
+    CORPORA,
+    SPLITS,
+    byte_tokens,
+    cache_dir,
+    load_documents,
+    load_text,
+    random_windows,
+)
 from lowbit.eval.embeddings import embed, embedding_similarity, load_minilm
 from lowbit.eval.perplexity import (
     PerplexityResult,
@@ -15,6 +23,7 @@ __all__ = [
     "CORPORA",
     "SPLITS",
     "PerplexityResult",
+    "byte_tokens",
     "cache_dir",
     "embed",
     "embedding_similarity",
@@ -25,4 +34,5 @@ __all__ = [
     "load_smollm2",
     "load_text",
     "perplexity",
+    "random_windows",
 ]

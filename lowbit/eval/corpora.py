@@ -31,6 +31,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 CORPORA = ("wiki", "news", "shakespeare")
 SPLITS = ("train", "heldout")
 
@@ -165,3 +167,17 @@ def load_documents(name: str, split: str) -> list[str]:
 def load_text(name: str, split: str) -> str:
     """One corpus split as a single string, documents separated by blank lines."""
     return "\n\n".join(load_documents(name, split))
+
+
+def byte_tokens(text: str) -> torch.Tensor:
+    """The UTF-8 bytes of text as int64 token ids (a 256-token vocabulary): a language-model
+    corpus that needs no tokenizer."""
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+
+def random_windows(tokens: torch.Tensor, batch: int, seq: int,
+                   gen: torch.Generator) -> torch.Tensor:
+    """[batch, seq + 1] windows of consecutive tokens (inputs and their next-token targets) at
+    start positions drawn from gen."""
+    starts = torch.randint(0, len(tokens) - seq - 1, (batch,), generator=gen).tolist()
+    return torch.stack([tokens[s : s + seq + 1] for s in starts])
