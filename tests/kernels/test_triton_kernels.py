@@ -170,6 +170,37 @@ def test_fp8_weight_only_small(m, k, n, dtype, with_bias):
     assert_matches_linear(y, x, dequant_scaled(q, scale), bias)
 
 
+def _weights(fmt, n, k, g, dtype):
+    """(packed words, scale, zero, format code, dequantized fp32 weight) for one format."""
+    from lowbit.kernels.triton import weight_only as wo
+
+    if fmt == "int4":
+        q, scale, zero = make_int4(n, k, g, dtype)
+        return q.view(torch.int32), scale, zero, wo.INT4, dequant_int4(q, scale, zero)
+    if fmt == "int8":
+        q, scale = make_int8(n, k, g, dtype)
+        return q.view(torch.int32), scale, scale, wo.INT8, dequant_scaled(q, scale)
+    q, scale = make_fp8(n, k)
+    return q.view(torch.int32), scale, scale, wo.FP8, dequant_scaled(q, scale)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
+def test_swapped_gemm_tiles(fmt):
+    """The swapped GEMM (out^T = w x^T) on a tiny shape, odd M, with bias; the tuner only
+    reaches it on the GPU."""
+    from lowbit.kernels.triton import weight_only as wo
+
+    m, k, n, g = 5, 256, 80, 128
+    x = make_x(m, k, torch.bfloat16)
+    words, scale, zero, code, w = _weights(fmt, n, k, g, torch.bfloat16)
+    bias = maybe_bias(n, torch.bfloat16, True)
+    for cfg in (wo.GemmCfg(16, 64, 128, 4, 2, swap=True),
+                wo.GemmCfg(16, 64, 128, 4, 2, split=2, swap=True)):
+        out = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
+        wo._gemm_launch(cfg, False, x, words, scale, zero, bias, out, code, k // scale.shape[1])
+        assert_matches_linear(out, x, w, bias)
+
+
 def test_fp8_decodes_every_code():
     """All 254 finite e4m3 codes (subnormals, both zeros, +-448) through the bit-trick decode."""
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
@@ -240,7 +271,7 @@ def linear_ref(x, w, bias):
 
 @pytest.mark.cuda
 @needs_gpu
-@pytest.mark.parametrize("m", [1, 16, 64, 256])
+@pytest.mark.parametrize("m", [1, 8, 16, 64, 256])
 def test_int4_full_size(m):
     x = make_x(m, K_FULL, torch.bfloat16)
     q, scale, zero = make_int4(N_FULL, K_FULL, 128, torch.bfloat16)
@@ -267,6 +298,27 @@ def test_fp8_full_size(m):
     q, scale = make_fp8(N_FULL, K_FULL)
     y = fp8_weight_only_mm(x, q, scale)
     assert sqnr_db(y, linear_ref(x, dequant_scaled(q, scale), None)) > 40
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("m", [2, 8, 33])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
+def test_every_small_m_gemm_tile(m, fmt):
+    """Every GEMM candidate of the small-M buckets (swapped or not), not only the winner."""
+    from lowbit.kernels.triton import weight_only as wo
+
+    x = make_x(m, K_FULL, torch.bfloat16)
+    words, scale, zero, code, w = _weights(fmt, N_FULL, K_FULL, 128, torch.bfloat16)
+    bias = maybe_bias(N_FULL, torch.bfloat16, True)
+    ref = linear_ref(x, w, bias)
+    g = K_FULL // scale.shape[1]
+    tiles = wo.gemm_candidates(wo._GEMM_TILES, x, N_FULL, K_FULL, g, 32)
+    assert any(t.swap for t in tiles)
+    for cfg in tiles:
+        out = torch.empty(m, N_FULL, device=DEVICE, dtype=torch.bfloat16)
+        wo._gemm_launch(cfg, False, x, words, scale, zero, bias, out, code, g)
+        assert sqnr_db(out, ref) > 40, cfg  # bf16 weights and output: ~50 dB
 
 
 @pytest.mark.cuda

@@ -132,3 +132,28 @@ def test_full_size(m, bits):
     sqnr = 10 * torch.log10(ref.pow(2).sum() / (y.float() - ref).pow(2).sum())
     # bf16 output rounding alone gives ~50 dB; 40 leaves room for bf16 weights in the dot.
     assert sqnr.item() > 40
+
+
+
+@pytest.mark.parametrize(("r", "c", "width"), [(70, 33, 40), (64, 64, 64), (5, 130, 136)])
+def test_transpose_into(r, c, width):
+    """Exact: a copy, for odd sizes and a source wider than the columns taken."""
+    src = torch.randn(r, width, device=DEVICE).to(torch.bfloat16)
+    out = torch.empty(c, r, device=DEVICE, dtype=torch.bfloat16)
+    tk.transpose_into(src, out)
+    assert torch.equal(out, src[:, :c].t())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED, reason="cuSPARSELt needs the GPU")
+@pytest.mark.parametrize("m", [64, 100, 1024])
+def test_cusparselt_candidate(m):
+    """The cuSPARSELt candidate (compressed weight, [N, M] result, transpose) against fp32."""
+    if not tk.cusparselt_runs(0, torch.bfloat16):
+        pytest.skip("cuSPARSELt does not run here")
+    k, n = 4096, 1024
+    sw = make(n, k, 0, 128, torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    out = run_cfg(tk.CUSPARSELT, x, sw, bias)
+    check(out, x, sw, bias)

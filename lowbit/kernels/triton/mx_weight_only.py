@@ -39,6 +39,7 @@ from .weight_only import (
     GemvCfg,
     Tuner,
     _decode,
+    _dot,
     _positions,
     fit_k_block,
     gemm_candidates,
@@ -311,14 +312,14 @@ def _mx_gemm_kernel(
     M, N, WORDS, stride_xm, stride_s, ITERS,
     ELEM: tl.constexpr, NV: tl.constexpr, SHIFT: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, G: tl.constexpr, UPG: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PARTIAL: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr,
+    PARTIAL: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr,
 ):
     """out[m, n] = ts * sum_k x[m, k] w[n, k]: G scale blocks per step decoded, scaled and rounded
     to x's dtype in registers (exact for bf16: elements have <= 3 mantissa bits and MX scales
     are powers of two; NVFP4 tiles leave out the tensor scale), then one tl.dot.
 
     DOT_F32 runs the dot on fp32 copies (exact IEEE fp32 for fp32 x, and the interpreter, whose
-    bf16 dot is wrong)."""
+    bf16 dot is wrong); SWAP computes out^T = w x^T (see the weight-only GEMM)."""
     CPU: tl.constexpr = 16 if ELEM >= 3 else (8 if ELEM == 0 else 4)
     WPU: tl.constexpr = 3 if ELEM >= 3 else 1
     BK: tl.constexpr = G * UPG * CPU
@@ -336,7 +337,10 @@ def _mx_gemm_kernel(
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None, None] * WORDS + unit[None, :, :]
     s_ptrs = s_ptr + offs_n[:, None] * stride_s + tl.arange(0, G)[None, :]
 
-    acc = tl.zeros((BM, BN), tl.float32)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), tl.float32)
     it0 = pid_k * ITERS
     for step in range(ITERS):
         it = it0 + step
@@ -351,11 +355,12 @@ def _mx_gemm_kernel(
             w2 = w0
         code = tl.load(s_ptrs + it * G, mask=nmask[:, None], other=0).to(tl.int32)
         wt = _weight_tile(w0, w1, w2, _scale(code, NV, SHIFT), ELEM, ASM, DTYPE)
-        if DOT_F32:
-            acc = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), acc,
-                         input_precision="ieee")
+        if SWAP:
+            acc = _dot(wt, tl.trans(xt), acc, DOT_F32)
         else:
-            acc = tl.dot(xt, tl.trans(wt), acc)
+            acc = _dot(xt, tl.trans(wt), acc, DOT_F32)
+    if SWAP:
+        acc = tl.trans(acc)
     if NV:
         acc *= tl.load(ts_ptr)
     out_offs = offs_m[:, None] * N + offs_n[None, :]
@@ -381,7 +386,7 @@ def _gemm_launch(cfg: GemmCfg, compile_only: bool, x, words, scale, ts, bias, ou
         ELEM=elem, NV=nv, SHIFT=_SCALE_SHIFT[elem], BM=cfg.bm, BN=cfg.bn, G=cfg.bk // block,
         UPG=block // _CODES_PER_UNIT[elem], HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1,
         DOT_F32=x.dtype == torch.float32 or x.device.type != "cuda",
-        ASM=x.device.type == "cuda", num_warps=cfg.warps, num_stages=cfg.stages,
+        ASM=x.device.type == "cuda", SWAP=cfg.swap, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if cfg.split > 1 and not compile_only:
         splitk_reduce(dest, bias, out)

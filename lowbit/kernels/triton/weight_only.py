@@ -477,18 +477,27 @@ def _gemv_launch(cfg: GemvCfg, compile_only: bool, x, words, scale, zero, bias, 
 
 
 @triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    """acc + a @ b on the tensor cores, or in IEEE fp32 (see DOT_F32 below)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, g, WORDS, ITERS, stride_xm, stride_s,
     FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
     WPG: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-    DOT_F32: tl.constexpr, ASM: tl.constexpr,
+    DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] w[n, k]: weight tiles dequantized in registers, then tl.dot.
 
     Weights are rounded to x's dtype before the dot, as the tensor cores need; DOT_F32 then runs
     the dot on fp32 copies (exact IEEE fp32 for fp32 x, and the interpreter, whose bf16 dot is
-    wrong).
+    wrong). SWAP computes out^T = w x^T instead: the weight tile (BN >= 64 rows) takes the
+    MMA's wide side and the few rows of x the narrow one, which suits small M.
     """
     CPW: tl.constexpr = 8 if FMT == 0 else 4
     BKW: tl.constexpr = NG * WPG
@@ -516,7 +525,10 @@ def _gemm_kernel(
     s_ptrs = s_ptr + offs_n[:, None] * stride_s
     z_ptrs = z_ptr + offs_n[:, None] * stride_s
 
-    acc = tl.zeros((BM, BN), tl.float32)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), tl.float32)
     it0 = pid_k * ITERS
     for step in range(ITERS):
         it = it0 + step
@@ -530,11 +542,12 @@ def _gemm_kernel(
         else:
             zs = s
         wt = _dequant_tile(words, s, zs, FMT, ASM, DTYPE)
-        if DOT_F32:
-            acc = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), acc,
-                         input_precision="ieee")
+        if SWAP:
+            acc = _dot(wt, tl.trans(xt), acc, DOT_F32)
         else:
-            acc = tl.dot(xt, tl.trans(wt), acc)
+            acc = _dot(xt, tl.trans(wt), acc, DOT_F32)
+    if SWAP:
+        acc = tl.trans(acc)
 
     out_offs = offs_m[:, None] * N + offs_n[None, :]
     omask = mmask[:, None] & nmask[None, :]
@@ -555,15 +568,20 @@ class GemmCfg(NamedTuple):
     warps: int
     stages: int
     split: int = 1
+    swap: bool = False
 
 
 # Candidates by M bucket (upper bound of the bucket). Small M is weight-bandwidth bound: narrow
-# tiles, deep pipelines, and K splits when the N tiles alone cannot fill the GPU.
+# tiles, deep pipelines, and K splits when the N tiles alone cannot fill the GPU; swapped tiles
+# put the weight rows on the MMA's wide side.
 _GEMM_TILES = {
     16: (GemmCfg(16, 64, 128, 4, 4), GemmCfg(16, 32, 256, 4, 4), GemmCfg(16, 128, 128, 4, 3),
-         GemmCfg(16, 64, 256, 4, 3)),
-    32: (GemmCfg(32, 64, 128, 4, 4), GemmCfg(32, 128, 128, 4, 3), GemmCfg(32, 32, 256, 4, 4)),
-    64: (GemmCfg(64, 64, 128, 4, 4), GemmCfg(64, 128, 128, 4, 3), GemmCfg(64, 32, 256, 4, 4)),
+         GemmCfg(16, 64, 256, 4, 3), GemmCfg(16, 64, 128, 4, 4, swap=True),
+         GemmCfg(16, 128, 128, 4, 3, swap=True), GemmCfg(16, 64, 256, 4, 3, swap=True)),
+    32: (GemmCfg(32, 64, 128, 4, 4), GemmCfg(32, 128, 128, 4, 3), GemmCfg(32, 32, 256, 4, 4),
+         GemmCfg(32, 64, 128, 4, 4, swap=True), GemmCfg(32, 128, 128, 4, 3, swap=True)),
+    64: (GemmCfg(64, 64, 128, 4, 4), GemmCfg(64, 128, 128, 4, 3), GemmCfg(64, 32, 256, 4, 4),
+         GemmCfg(64, 64, 128, 4, 4, swap=True), GemmCfg(64, 128, 128, 4, 3, swap=True)),
     256: (GemmCfg(64, 128, 64, 4, 4), GemmCfg(128, 128, 64, 8, 4), GemmCfg(64, 128, 128, 4, 3)),
     1 << 62: (GemmCfg(128, 128, 64, 8, 4), GemmCfg(128, 256, 64, 8, 3),
               GemmCfg(128, 128, 128, 8, 3)),
@@ -608,7 +626,7 @@ def _gemm_launch(cfg: GemmCfg, compile_only: bool, x, words, scale, zero, bias, 
         FMT=fmt, BM=cfg.bm, BN=cfg.bn, NG=cfg.bk // gk, WPG=gk // cpw, GROUP_M=8,
         HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1,
         DOT_F32=x.dtype == torch.float32 or x.device.type != "cuda", ASM=x.device.type == "cuda",
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        SWAP=cfg.swap, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if cfg.split > 1 and not compile_only:
         splitk_reduce(dest, bias, out)
