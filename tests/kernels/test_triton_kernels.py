@@ -302,10 +302,10 @@ def test_fp8_full_size(m):
 
 @pytest.mark.cuda
 @needs_gpu
-@pytest.mark.parametrize("m", [2, 8, 33])
+@pytest.mark.parametrize("m", [8, 33])
 @pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
-def test_every_small_m_gemm_tile(m, fmt):
-    """Every GEMM candidate of the small-M buckets (swapped or not), not only the winner."""
+def test_every_swapped_gemm_tile(m, fmt):
+    """Every swapped GEMM candidate of the small-M buckets, not only the tuner's winner."""
     from lowbit.kernels.triton import weight_only as wo
 
     x = make_x(m, K_FULL, torch.bfloat16)
@@ -313,8 +313,8 @@ def test_every_small_m_gemm_tile(m, fmt):
     bias = maybe_bias(N_FULL, torch.bfloat16, True)
     ref = linear_ref(x, w, bias)
     g = K_FULL // scale.shape[1]
-    tiles = wo.gemm_candidates(wo._GEMM_TILES, x, N_FULL, K_FULL, g, 32)
-    assert any(t.swap for t in tiles)
+    tiles = [t for t in wo.gemm_candidates(wo._GEMM_TILES, x, N_FULL, K_FULL, g, 32) if t.swap]
+    assert tiles
     for cfg in tiles:
         out = torch.empty(m, N_FULL, device=DEVICE, dtype=torch.bfloat16)
         wo._gemm_launch(cfg, False, x, words, scale, zero, bias, out, code, g)
