@@ -101,6 +101,9 @@ TITLES = {
     "qat_smollm2": "QAT: SmolLM2-135M fine-tune, held-out perplexity",
     "bench_mx": "MX / NVFP4 weight-only decode per op (GPU: card in the conditions)",
     "sparse_ops": "2:4 sparse linear per op (GPU: card in the conditions)",
+    "sparse_ops_large_m": "2:4 sparse linear per op at large M, cuSPARSELt path (GPU: card in "
+                          "the conditions)",
+    "cslt_layouts": "cuSPARSELt output layouts, microseconds (GPU: card in the conditions)",
     "fp8_training": "fp8 training throughput (GPU: card in the conditions)",
     "fp8_convergence": "fp8 training convergence on real text (GPU: card in the conditions)",
     "fsdp_fp8": "FSDP2 training throughput per GPU, bf16 vs fp8 all-gather (GPU: card and "
