@@ -79,6 +79,7 @@ CASES = [  # (bits, g, zero, dtype)
     tk.SparseCfg("gemv", 1, 8, 128, 1, 1),
     tk.SparseCfg("gemv", 4, 4, 64, 1, 1, split=2),
     tk.SparseCfg("dot", 16, 16, 64, 1, 1),
+    tk.SparseCfg("dot", 16, 16, 64, 1, 1, split=2, swap=True),
 ])
 def test_kernels_small(bits, g, zero, dtype, cfg):
     n, k = 24, 128
@@ -142,6 +143,24 @@ def test_transpose_into(r, c, width):
     out = torch.empty(c, r, device=DEVICE, dtype=torch.bfloat16)
     tk.transpose_into(src, out)
     assert torch.equal(out, src[:, :c].t())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED, reason="full-size layers need the compiled kernels")
+@pytest.mark.parametrize("m", [8, 33])
+@pytest.mark.parametrize("bits", [0, 4])
+def test_every_swapped_dot_tile(m, bits):
+    """Each swapped tensor-core tile at full size, not only the tuner's winner."""
+    k, n = 4096, 14336
+    sw = make(n, k, bits, 128, torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    w = tk.pack_weights(sw.values, sw.meta, sw.scale, sw.zero, sw.bits, k)
+    tiles = [c for c in tk.candidates(x, n, k, w.g, w.fmt)
+             if isinstance(c, tk.SparseCfg) and c.swap]
+    assert tiles
+    for cfg in tiles:
+        check(run_cfg(cfg, x, sw, bias), x, sw, bias)
 
 
 @pytest.mark.cuda

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from .weight_only import (
     Tuner,
+    _dot,
     fit_k_block,
     launch_kernel,
     m_bucket,
@@ -67,11 +68,12 @@ def _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW, str
     if FMT == 2:
         b = tl.load(v_ptr + rows64[:, None] * VROW + (k0 // 4 + tl.arange(0, G))[None, :],
                     mask=rmask[:, None], other=0).to(tl.int32)
-        v0 = (b & 0xF).to(tl.float32)
-        v1 = ((b >> 4) & 0xF).to(tl.float32)
-        if not HAS_ZERO:  # symmetric codes are stored offset by 8
-            v0 -= 8.0
-            v1 -= 8.0
+        # A nibble ORed into the mantissa of 2**23 is the float 2**23 + code, exactly: an OR
+        # and a subtraction instead of an int-to-float conversion (quarter rate on Hopper).
+        # Symmetric codes are stored offset by 8, which the same subtraction removes.
+        base: tl.constexpr = 8388608.0 if HAS_ZERO else 8388616.0
+        v0 = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - base
+        v1 = (((b >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - base
     else:
         raw = tl.load(v_ptr + rows64[:, None] * VROW + (k0 // 2 + tl.arange(0, 2 * G))[None, :],
                       mask=rmask[:, None], other=0)
@@ -171,10 +173,11 @@ def _dot_kernel(
     M, N, g, VROW, MROW, stride_s, stride_xm, ITERS,
     FMT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr,
-    STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+    STAGES: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr,
 ):
     """The tile expanded to dense [BN, BK] in registers, rounded to x's dtype, then tl.dot.
-    DOT_F32 runs the dot on fp32 copies (fp32 x, and the interpreter, whose bf16 dot is wrong)."""
+    DOT_F32 runs the dot on fp32 copies (fp32 x, and the interpreter, whose bf16 dot is wrong);
+    SWAP computes out^T = w x^T, the weight rows on the MMA's wide side (small M)."""
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -185,7 +188,10 @@ def _dot_kernel(
     offs_m = pid_m * BM + tl.arange(0, BM)
     mmask = offs_m < M
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BK)[None, :]
-    acc = tl.zeros((BM, BN), tl.float32)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), tl.float32)
     it0 = pid_k * ITERS
     for step in tl.range(0, ITERS, num_stages=STAGES):
         k0 = (it0 + step) * BK
@@ -193,11 +199,12 @@ def _dot_kernel(
                                     stride_s, FMT, HAS_ZERO, BK, NG)
         w = _dense_tile(v0, v1, i0, i1).to(DTYPE)
         xt = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
-        if DOT_F32:
-            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
-                         input_precision="ieee")
+        if SWAP:
+            acc = _dot(w, tl.trans(xt), acc, DOT_F32)
         else:
-            acc = tl.dot(xt, tl.trans(w), acc)
+            acc = _dot(xt, tl.trans(w), acc, DOT_F32)
+    if SWAP:
+        acc = tl.trans(acc)
     out_offs = offs_m[:, None] * N + rows[None, :]
     omask = mmask[:, None] & rmask[None, :]
     if PARTIAL:
@@ -240,6 +247,7 @@ class SparseCfg(NamedTuple):
     warps: int
     stages: int
     split: int = 1
+    swap: bool = False
 
 
 # GEMV: a warp streams 256-512 logical columns (256-512 bytes of bf16 kept values) of a few rows
@@ -254,9 +262,14 @@ _GEMV_TILES = {
     16: (SparseCfg("gemv", 16, 4, 128, 2, 3),),
 }
 _DOT_TILES = (SparseCfg("dot", 16, 64, 128, 4, 4), SparseCfg("dot", 16, 32, 256, 4, 4),
-              SparseCfg("dot", 16, 128, 128, 4, 3), SparseCfg("dot", 16, 64, 256, 4, 3))
+              SparseCfg("dot", 16, 128, 128, 4, 3), SparseCfg("dot", 16, 64, 256, 4, 3),
+              SparseCfg("dot", 16, 64, 128, 4, 4, swap=True),
+              SparseCfg("dot", 16, 128, 128, 4, 3, swap=True),
+              SparseCfg("dot", 16, 64, 256, 4, 3, swap=True))
 _DOT_TILES_64 = (SparseCfg("dot", 32, 64, 128, 4, 4), SparseCfg("dot", 64, 64, 128, 4, 3),
-                 SparseCfg("dot", 64, 128, 64, 4, 4))
+                 SparseCfg("dot", 64, 128, 64, 4, 4),
+                 SparseCfg("dot", 32, 64, 128, 4, 4, swap=True),
+                 SparseCfg("dot", 64, 128, 64, 4, 4, swap=True))
 EXPAND_THEN_DENSE = "expand-then-dense"
 CUSPARSELT = "cusparselt"
 SMALL_M = 64  # at and below: the kernels above; above: expand + cuBLAS vs cuSPARSELt
@@ -318,7 +331,8 @@ def _kernel_launch(cfg: SparseCfg, compile_only: bool, x: torch.Tensor, w: _Weig
     else:
         grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split)
         dot_f32 = x.dtype == torch.float32 or x.device.type != "cuda"
-        launch_kernel(_dot_kernel, grid, compile_only, *common, DOT_F32=dot_f32, **meta)
+        launch_kernel(_dot_kernel, grid, compile_only, *common, DOT_F32=dot_f32, SWAP=cfg.swap,
+                      **meta)
     if cfg.split > 1 and not compile_only:
         splitk_reduce(dest, bias, out)
 
