@@ -101,6 +101,7 @@ TITLES = {
     "qat_smollm2": "QAT: SmolLM2-135M fine-tune, held-out perplexity",
     "bench_mx": "MX / NVFP4 weight-only decode per op (GPU: card in the conditions)",
     "sparse_ops": "2:4 sparse linear per op (GPU: card in the conditions)",
+    "sparse_ops_h200": "2:4 sparse linear per op on the H200, small M and M=1024",
     "sparse_ops_large_m": "2:4 sparse linear per op at large M, cuSPARSELt path (GPU: card in "
                           "the conditions)",
     "cslt_layouts": "cuSPARSELt output layouts, microseconds (GPU: card in the conditions)",
