@@ -11,9 +11,10 @@ per row, decodes the kept positions with shifts and masks, and never touches a z
 * `_dot_kernel` (tensor cores; 1 < M <= 64): the tile is expanded in registers to dense
   [BN, BK] (zeros where pruned) and multiplied with `tl.dot`.
 * `_expand_kernel`: writes the dense weight once; for large M, "expand, then the dense cuBLAS
-  GEMM" competes with cuSPARSELt (`torch.sparse.to_sparse_semi_structured`) and the choice is
-  made per shape by measurement (`weight_only.Tuner`), so sparse is never slower than dense
-  plus the (bandwidth-bound) expand.
+  GEMM" competes with cuSPARSELt (`torch._cslt_sparse_mm` on a compressed copy, its [N, M]
+  result transposed by `_transpose_kernel`) and the choice is made per shape by measurement
+  (`weight_only.Tuner`), so sparse is never slower than dense plus the (bandwidth-bound)
+  expand.
 
 At small M a linear is bound by weight bytes: 2.25 instead of 4 bytes per 2 bf16 weights, and
 0.375 + scales instead of 0.5 + scales for int4, is where the speed comes from.
@@ -30,7 +31,9 @@ import triton.language as tl
 
 from .weight_only import (
     Tuner,
-    _dot,
+    _mma,
+    _mma_acc,
+    _mma_out,
     fit_k_block,
     launch_kernel,
     m_bucket,
@@ -188,10 +191,7 @@ def _dot_kernel(
     offs_m = pid_m * BM + tl.arange(0, BM)
     mmask = offs_m < M
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BK)[None, :]
-    if SWAP:
-        acc = tl.zeros((BN, BM), tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), tl.float32)
+    acc = _mma_acc(BM, BN, SWAP)
     it0 = pid_k * ITERS
     for step in tl.range(0, ITERS, num_stages=STAGES):
         k0 = (it0 + step) * BK
@@ -199,12 +199,8 @@ def _dot_kernel(
                                     stride_s, FMT, HAS_ZERO, BK, NG)
         w = _dense_tile(v0, v1, i0, i1).to(DTYPE)
         xt = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
-        if SWAP:
-            acc = _dot(w, tl.trans(xt), acc, DOT_F32)
-        else:
-            acc = _dot(xt, tl.trans(w), acc, DOT_F32)
-    if SWAP:
-        acc = tl.trans(acc)
+        acc = _mma(xt, w, acc, SWAP, DOT_F32)
+    acc = _mma_out(acc, SWAP)
     out_offs = offs_m[:, None] * N + rows[None, :]
     omask = mmask[:, None] & rmask[None, :]
     if PARTIAL:
@@ -387,8 +383,8 @@ def _transpose_kernel(src_ptr, dst_ptr, R, C, stride_src, BR: tl.constexpr, BC: 
 
 
 def transpose_into(src: torch.Tensor, out: torch.Tensor) -> None:
-    """out [C, R] = the first C columns of src [R, >= C], transposed (torch's strided copy of a
-    transposed view ran at a quarter of this on the H200)."""
+    """out [C, R] = the first C columns of src [R, >= C], transposed (torch's strided copy of the
+    transposed view took 4x-20x as long on the H200: results/cslt_layouts.json)."""
     r, c = out.shape[1], out.shape[0]
     assert src.shape[0] == r and src.shape[1] >= c and src.stride(1) == 1 and out.is_contiguous()
     grid = (triton.cdiv(r, 64), triton.cdiv(c, 64))
@@ -399,8 +395,8 @@ def cslt_mm_t(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) 
     """(x [M, K] @ W^T + bias)^T as [N, M'] (M' = M padded to a multiple of 8, cuSPARSELt's
     minimum for 16-bit inputs), W compressed by `torch._cslt_compress`.
 
-    cuSPARSELt computes W @ x^T; asking it for the transposed (row-major [M, N]) result ran up
-    to 1.6x slower on the H200 than this layout plus `transpose_into`."""
+    cuSPARSELt computes W @ x^T; asking it for the transposed (row-major [M, N]) result ran
+    1.3x-1.5x slower on the H200 than this layout plus `transpose_into`."""
     pad = -x.shape[0] % 8
     xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
     return torch._cslt_sparse_mm(packed, xp.t(), None if bias is None else bias.to(x.dtype))
