@@ -39,9 +39,7 @@ from .weight_only import (
     GemvCfg,
     Tuner,
     _decode,
-    _mma,
-    _mma_acc,
-    _mma_out,
+    _dot,
     _positions,
     fit_k_block,
     gemm_candidates,
@@ -339,7 +337,10 @@ def _mx_gemm_kernel(
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None, None] * WORDS + unit[None, :, :]
     s_ptrs = s_ptr + offs_n[:, None] * stride_s + tl.arange(0, G)[None, :]
 
-    acc = _mma_acc(BM, BN, SWAP)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), tl.float32)
     it0 = pid_k * ITERS
     for step in range(ITERS):
         it = it0 + step
@@ -354,8 +355,12 @@ def _mx_gemm_kernel(
             w2 = w0
         code = tl.load(s_ptrs + it * G, mask=nmask[:, None], other=0).to(tl.int32)
         wt = _weight_tile(w0, w1, w2, _scale(code, NV, SHIFT), ELEM, ASM, DTYPE)
-        acc = _mma(xt, wt, acc, SWAP, DOT_F32)
-    acc = _mma_out(acc, SWAP)
+        if SWAP:
+            acc = _dot(wt, tl.trans(xt), acc, DOT_F32)
+        else:
+            acc = _dot(xt, tl.trans(wt), acc, DOT_F32)
+    if SWAP:
+        acc = tl.trans(acc)
     if NV:
         acc *= tl.load(ts_ptr)
     out_offs = offs_m[:, None] * N + offs_n[None, :]

@@ -31,9 +31,7 @@ import triton.language as tl
 
 from .weight_only import (
     Tuner,
-    _mma,
-    _mma_acc,
-    _mma_out,
+    _dot,
     fit_k_block,
     launch_kernel,
     m_bucket,
@@ -191,7 +189,10 @@ def _dot_kernel(
     offs_m = pid_m * BM + tl.arange(0, BM)
     mmask = offs_m < M
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BK)[None, :]
-    acc = _mma_acc(BM, BN, SWAP)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), tl.float32)
     it0 = pid_k * ITERS
     for step in tl.range(0, ITERS, num_stages=STAGES):
         k0 = (it0 + step) * BK
@@ -199,8 +200,12 @@ def _dot_kernel(
                                     stride_s, FMT, HAS_ZERO, BK, NG)
         w = _dense_tile(v0, v1, i0, i1).to(DTYPE)
         xt = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
-        acc = _mma(xt, w, acc, SWAP, DOT_F32)
-    acc = _mma_out(acc, SWAP)
+        if SWAP:
+            acc = _dot(w, tl.trans(xt), acc, DOT_F32)
+        else:
+            acc = _dot(xt, tl.trans(w), acc, DOT_F32)
+    if SWAP:
+        acc = tl.trans(acc)
     out_offs = offs_m[:, None] * N + rows[None, :]
     omask = mmask[:, None] & rmask[None, :]
     if PARTIAL:

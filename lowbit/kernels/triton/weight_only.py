@@ -485,31 +485,6 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _mma_acc(BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
-    """The zero accumulator of `_mma`: [BM, BN], or [BN, BM] when SWAP."""
-    if SWAP:
-        return tl.zeros((BN, BM), tl.float32)
-    return tl.zeros((BM, BN), tl.float32)
-
-
-@triton.jit
-def _mma(xt, wt, acc, SWAP: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc + xt [BM, BK] @ wt [BN, BK]^T; with SWAP the transposed product wt @ xt^T, so the
-    weight rows take the MMA's wide side (few rows of x). `_mma_out` undoes the swap."""
-    if SWAP:
-        return _dot(wt, tl.trans(xt), acc, DOT_F32)
-    return _dot(xt, tl.trans(wt), acc, DOT_F32)
-
-
-@triton.jit
-def _mma_out(acc, SWAP: tl.constexpr):
-    """`_mma`'s accumulator as [BM, BN]."""
-    if SWAP:
-        return tl.trans(acc)
-    return acc
-
-
-@triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, g, WORDS, ITERS, stride_xm, stride_s,
@@ -550,7 +525,10 @@ def _gemm_kernel(
     s_ptrs = s_ptr + offs_n[:, None] * stride_s
     z_ptrs = z_ptr + offs_n[:, None] * stride_s
 
-    acc = _mma_acc(BM, BN, SWAP)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), tl.float32)
     it0 = pid_k * ITERS
     for step in range(ITERS):
         it = it0 + step
@@ -564,8 +542,12 @@ def _gemm_kernel(
         else:
             zs = s
         wt = _dequant_tile(words, s, zs, FMT, ASM, DTYPE)
-        acc = _mma(xt, wt, acc, SWAP, DOT_F32)
-    acc = _mma_out(acc, SWAP)
+        if SWAP:
+            acc = _dot(wt, tl.trans(xt), acc, DOT_F32)
+        else:
+            acc = _dot(xt, tl.trans(wt), acc, DOT_F32)
+    if SWAP:
+        acc = tl.trans(acc)
 
     out_offs = offs_m[:, None] * N + offs_n[None, :]
     omask = mmask[:, None] & nmask[None, :]
