@@ -99,6 +99,8 @@ TITLES = {
     "accuracy_sparse": "2:4 sparsity: SmolLM2-135M held-out perplexity",
     "accuracy_efficientnet": "EfficientNet-Lite0: top-1 agreement with fp32 on real photos",
     "qat_smollm2": "QAT: SmolLM2-135M fine-tune, held-out perplexity",
+    "sparse_train_smollm2": "2:4 sparse training: SmolLM2-135M MLP linears, held-out perplexity "
+                            "(CPU)",
     "bench_mx": "MX / NVFP4 weight-only decode per op (GPU: card in the conditions)",
     "sparse_ops": "2:4 sparse linear per op (GPU: card in the conditions)",
     "sparse_ops_h200": "2:4 sparse linear per op on the H200, small M and M=1024",
