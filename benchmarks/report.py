@@ -101,6 +101,7 @@ TITLES = {
     "qat_smollm2": "QAT: SmolLM2-135M fine-tune, held-out perplexity",
     "sparse_train_smollm2": "2:4 sparse training: SmolLM2-135M MLP linears, held-out perplexity "
                             "(CPU)",
+    "sparse_train_smollm2_400": "2:4 sparse training, 400 steps (CPU)",
     "bench_mx": "MX / NVFP4 weight-only decode per op (GPU: card in the conditions)",
     "sparse_ops": "2:4 sparse linear per op (GPU: card in the conditions)",
     "sparse_ops_h200": "2:4 sparse linear per op on the H200, small M and M=1024",
