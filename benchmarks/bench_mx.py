@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import COPY_TBPS, conditions, stored_bytes, time_op, write_result  # noqa: E402
+from common import conditions, copy_tbps, stored_bytes, time_op, write_result  # noqa: E402
 
 from lowbit.kernels import mx_ops  # noqa: E402
 from lowbit.kernels.cuda import kernel_name  # noqa: E402
@@ -91,7 +91,7 @@ def bench_shape(k: int, n: int, ms: list[int], names: list[str]) -> list[dict]:
                 continue
             base[name] = us
             row.update(us=us, tbps_weight=nbytes / us / 1e6,
-                       frac_copy_bw=nbytes / us / 1e6 / COPY_TBPS)
+                       frac_copy_bw=nbytes / us / 1e6 / copy_tbps())
             if "int4-g32" in base and name != "bf16":
                 row["time_vs_int4_g32"] = us / base["int4-g32"]
             rows.append(row)

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     BF16_TFLOPS,
-    COPY_TBPS,
     FP8_TFLOPS,
     INT8_TOPS,
     conditions,
+    copy_tbps,
     stored_bytes,
     time_op,
     torchao_configs,
@@ -122,7 +122,7 @@ def bench_shape(k: int, n: int, ms: list[int], configs: list[str], ao: dict) -> 
             row.update(
                 us=us,
                 tbps_weight=nbytes / us / 1e6,
-                frac_copy_bw=nbytes / us / 1e6 / COPY_TBPS,
+                frac_copy_bw=nbytes / us / 1e6 / copy_tbps(),
                 tflops=flops / us / 1e6,
                 frac_peak=flops / us / 1e6 / PEAK.get(name.split(":")[-1], BF16_TFLOPS),
             )

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     BF16_TFLOPS,
-    COPY_TBPS,
     conditions,
+    copy_tbps,
     stored_bytes,
     time_op,
     write_result,
@@ -99,7 +99,7 @@ def bench_shape(k: int, n: int, ms: list[int]) -> list[dict]:
             times[name] = us
             flops = 2 * m * n * k
             row.update(us=us, tbps_weight=row["weight_bytes"] / us / 1e6,
-                       frac_copy_bw=row["weight_bytes"] / us / 1e6 / COPY_TBPS,
+                       frac_copy_bw=row["weight_bytes"] / us / 1e6 / copy_tbps(),
                        tflops=flops / us / 1e6, frac_peak=flops / us / 1e6 / BF16_TFLOPS)
             base = BASELINE.get(name)
             if base in times:

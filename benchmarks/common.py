@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -13,8 +14,8 @@ import torch
 
 # LOWBIT_RESULTS_DIR lets a GPU run write straight to the folder that is copied back.
 RESULTS = Path(os.environ.get("LOWBIT_RESULTS_DIR", Path(__file__).parent / "results"))
-# Measured on the H100 of ../shared/GPU.md (device-to-device copy): the bandwidth ceiling.
-COPY_TBPS = 2.97
+# Compute ceilings measured on the H100 of ../shared/GPU.md (the H200 has the same SMs); the
+# bandwidth ceiling differs per card, so `copy_tbps()` measures it in every run.
 BF16_TFLOPS = 766.0
 FP8_TFLOPS = 1386.0
 INT8_TOPS = 1386.0  # dense int8 tensor-core peak is the same as fp8 on H100 (not measured)
@@ -36,6 +37,8 @@ def conditions() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+    if copy_tbps.cache_info().currsize:  # measured in this run: the frac_copy_bw ceiling
+        info["copy_tbps"] = copy_tbps()
     try:
         import torchao
 
@@ -43,6 +46,17 @@ def conditions() -> dict[str, Any]:
     except ImportError:
         info["torchao"] = None
     return info
+
+
+@functools.cache
+def copy_tbps() -> float:
+    """This GPU's device-to-device copy bandwidth, read plus written bytes per second in TB/s
+    (the H100 of GPU.md: 2.97), measured once per process on 1 GiB: the ceiling that
+    `frac_copy_bw` fields are relative to."""
+    src = torch.empty(1 << 28, device="cuda", dtype=torch.float32)
+    dst = torch.empty_like(src)
+    us = time_cuda_graph(lambda: dst.copy_(src), [()], calls_per_graph=5)
+    return 2 * src.numel() * src.element_size() / us / 1e6
 
 
 def time_op(fn, inputs: list[tuple]) -> tuple[float, str]:
