@@ -99,14 +99,20 @@ def train(model, ids: torch.Tensor, args, label: str) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-5)
+def add_train_args(ap: argparse.ArgumentParser, steps: int, seq_len: int, batch: int,
+                   lr: float) -> None:
+    """The options `train` reads (with these defaults), plus --seed and --threads."""
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--seq-len", type=int, default=seq_len)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_train_args(ap, steps=300, seq_len=256, batch=4, lr=2e-5)
     ap.add_argument("--out", type=Path, default=RESULTS / "qat_smollm2.json")
     ap.add_argument("--rows", default="base,qat,finetune",
                     help="which parts to run: base (fp32, PTQ), qat, finetune")

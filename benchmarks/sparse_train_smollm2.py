@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qat_smollm2 import evaluate, train  # noqa: E402
+from qat_smollm2 import add_train_args, evaluate, train  # noqa: E402
 
 from lowbit.eval import load_smollm2, load_text  # noqa: E402
 from lowbit.sparsity import (  # noqa: E402
@@ -68,12 +68,7 @@ def build_row(name: str, base, ids: torch.Tensor, args) -> tuple:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    add_train_args(ap, steps=60, seq_len=128, batch=1, lr=1e-4)
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--out", type=Path, default=RESULTS / "sparse_train_smollm2.json")
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
