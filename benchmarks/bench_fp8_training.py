@@ -17,6 +17,7 @@ import gc
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -106,19 +107,21 @@ def sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
     return math.inf if noise == 0 else 10 * math.log10(ref.double().pow(2).mean().item() / noise)
 
 
-def write_profile(variant: str, model, opt, batches) -> None:
-    """Kernel time table of two steps (CUDA time, top 40) to results/profile_<variant>.txt:
-    where a recipe's time goes (GEMMs vs casts vs layout copies)."""
+def write_profile(name: str, step, batches, host: bool = False) -> None:
+    """Kernel time table of two calls of step(batch) (CUDA time, top 40) to
+    results/profile_<name>.txt: where a recipe's time goes (GEMMs vs casts vs layout copies).
+    `host` adds the CPU-side ops, for a step the host may be holding back."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host else [])
+    with profile(activities=activities) as prof:
         for i in range(2):
-            train_step(model, opt, batches[i % 4])
+            step(batches[i % len(batches)])
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40,
-                                      max_name_column_width=90)
+    sort_by = "cpu_time_total" if host else "cuda_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"profile_{variant}.txt").write_text(table)
+    (RESULTS / f"profile_{name}.txt").write_text(table)
 
 
 def run(variant: str, args: ModelArgs, batch: int, seq: int, steps: int, warmup: int,
@@ -156,7 +159,7 @@ def run(variant: str, args: ModelArgs, batch: int, seq: int, steps: int, warmup:
         "compile_and_warmup_s": compile_s,
     }
     if profile:
-        write_profile(variant, model, opt, batches)
+        write_profile(variant, partial(train_step, model, opt), batches)
     del model, opt
     gc.collect()
     torch.cuda.empty_cache()

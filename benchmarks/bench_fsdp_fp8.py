@@ -24,6 +24,7 @@ import datetime
 import gc
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fp8_training import not_output, train_step  # noqa: E402
+from bench_fp8_training import not_output, train_step, write_profile  # noqa: E402
 from common import conditions, write_result  # noqa: E402
 
 from lowbit.models import ModelArgs, Transformer, init_weights  # noqa: E402
@@ -120,6 +121,12 @@ def run(variant: str, args: ModelArgs, opts) -> dict:
     peak = torch.tensor([torch.cuda.max_memory_allocated() if device == "cuda" else 0],
                         dtype=torch.float64, device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if opts.profile and dist.get_rank() == 0:  # the other ranks keep stepping alongside
+        write_profile(f"fsdp_{variant}", partial(fsdp_train_step, model, opt), batches,
+                      host=True)
+    elif opts.profile:
+        for i in range(2):
+            fsdp_train_step(model, opt, batches[i % 4])
     gathered = gathered_dtypes(model)
     if variant.endswith(FP8_AG) and not all(d.startswith("float8") for d in gathered):
         raise RuntimeError(f"fp8 all-gather variant gathered {gathered}")
@@ -149,6 +156,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", default="fsdp_fp8")
+    p.add_argument("--profile", action="store_true",
+                   help="rank 0 also writes a host + kernel time table per variant")
     p.add_argument("--compile", choices=["inductor", "aot_eager", "none"],
                    help="per-block torch.compile backend; default inductor (cuda), none (cpu)")
     opts = p.parse_args()
@@ -195,7 +205,7 @@ def main() -> None:
                   "steps": opts.steps, "warmup": opts.warmup, "compile": opts.compile,
                   "optimizer": "AdamW fused", "params": "bf16, FSDP2 per block + root",
                   "fp8 layers": "all block linears; output head bf16"}
-        path = write_result("fsdp_fp8", {"conditions": cond, "shapes": shapes, "rows": rows})
+        path = write_result(opts.out, {"conditions": cond, "shapes": shapes, "rows": rows})
         print(f"wrote {path}")
     dist.destroy_process_group()
 

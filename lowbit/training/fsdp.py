@@ -11,8 +11,10 @@ weight (the shards' amaxes reduced with MAX across processes).
   (optimizers, state dicts, unsharded use) and carries FSDP2's all-gather extension methods.
 - `precompute_fp8_scales(model)` (after each `optimizer.step()`) computes every sharded
   weight's scale in one all-reduce, instead of one small all-reduce per weight inside the
-  all-gathers. A scale remembers the weight version it was made for; a weight changed since
-  gets a fresh one, so a missed call costs speed, never correctness.
+  all-gathers, and casts all the shards in one compiled call; the forward's and the
+  backward's all-gathers then send those bytes as they are. Each cast remembers the weight
+  version it was made for; a weight changed since is cast afresh inside its all-gather, so a
+  missed call costs speed, never correctness.
 - After the all-gather the layer sees a `Float8GatheredWeight` (fp8 data + scale) and its
   forward and backward GEMMs use that data directly instead of casting.
 """
@@ -57,8 +59,8 @@ class Float8AllGatherWeight(torch.Tensor):
     def __init__(self, hp: torch.Tensor, recipe: Float8TrainingRecipe) -> None:
         self._hp = hp
         self.recipe = recipe
-        # (scale, version of _hp it was computed for), set by precompute_fp8_scales.
-        self._precomputed: tuple[torch.Tensor, int] | None = None
+        # (fp8 shard, scale, version of _hp they were made for), set by precompute_fp8_scales.
+        self._precomputed: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def __repr__(self) -> str:
         return f"Float8AllGatherWeight({self._hp!r}, recipe={self.recipe.name})"
@@ -85,8 +87,11 @@ class Float8AllGatherWeight(torch.Tensor):
     # ---- FSDP2 all-gather extension -------------------------------------------------------
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         """This shard cast to fp8 with the whole weight's scale (the all-gather input)."""
-        scale = self._scale(mesh)
-        data = cast_shard_to_fp8(self._hp, scale, self.recipe.forward_dtype)
+        if self._precomputed is not None and self._precomputed[2] == self._hp._version:
+            data, scale, _ = self._precomputed
+        else:
+            scale = self._scale(mesh)
+            data = cast_shard_to_fp8(self._hp, scale, self.recipe.forward_dtype)
         # An uneven last shard is padded to the others' rows (zeros are exact in fp8).
         rows = math.ceil(outer_size[0] / mesh.size())
         if data.shape[0] < rows:
@@ -104,8 +109,6 @@ class Float8AllGatherWeight(torch.Tensor):
         return Float8GatheredWeight(data, scale.clone(), param_dtype), (data,)
 
     def _scale(self, mesh) -> torch.Tensor:
-        if self._precomputed is not None and self._precomputed[1] == self._hp._version:
-            return self._precomputed[0]
         amax = shard_amaxes([self._hp.detach()]).reshape(1, 1)
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
         return fp8_scale_from_amax(amax, self.recipe.forward_dtype, self.recipe.power_of_2_scales)
@@ -122,11 +125,29 @@ _cast_to_fp8_fused = torch.compile(_cast_to_fp8, fullgraph=True)
 
 def cast_shard_to_fp8(hp: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                       fused: bool | None = None) -> torch.Tensor:
-    """hp / scale saturated to fp8 (scale: one float32 element). FSDP2 runs this eagerly on every
-    weight shard before each all-gather (forward and backward), so on CUDA it runs compiled
-    (`fused` overrides the choice)."""
+    """hp / scale saturated to fp8 (scale: one float32 element). FSDP2 runs this eagerly on a
+    weight shard before its all-gather when no precomputed cast is current, so on CUDA it runs
+    compiled (`fused` overrides the choice)."""
     use_fused = hp.is_cuda if fused is None else fused
     return (_cast_to_fp8_fused if use_fused else _cast_to_fp8)(hp, scale, dtype)
+
+
+def _cast_all_to_fp8(hps: list[torch.Tensor], scales: torch.Tensor,
+                     dtype: torch.dtype) -> list[torch.Tensor]:
+    return [_cast_to_fp8(hp, scale, dtype) for hp, scale in zip(hps, scales)]
+
+
+# All shards in one compiled call: a compiled call costs tens of microseconds of host time, and
+# one per weight per all-gather (forward and backward) left the GPU waiting on the host.
+# The shapes never change, so no dynamic-shape kernels.
+_cast_all_to_fp8_fused = torch.compile(_cast_all_to_fp8, fullgraph=True, dynamic=False)
+
+
+def cast_shards_to_fp8(hps: list[torch.Tensor], scales: torch.Tensor, dtype: torch.dtype,
+                       fused: bool | None = None) -> list[torch.Tensor]:
+    """`cast_shard_to_fp8` of every hp with its scale (scales [len(hps), 1, 1]), in one call."""
+    use_fused = hps[0].is_cuda if fused is None else fused
+    return (_cast_all_to_fp8_fused if use_fused else _cast_all_to_fp8)(hps, scales, dtype)
 
 
 class Float8GatheredWeight(torch.Tensor):
@@ -211,9 +232,11 @@ def shard_amaxes(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def precompute_fp8_scales(model: nn.Module) -> None:
-    """Every fp8-all-gathered weight's scale from one all-reduce of all their shards' amaxes
-    (call after `optimizer.step()`; a no-op without such weights). The amaxes come from one
-    multi-tensor launch and the scales from one small vector op per recipe."""
+    """Every fp8-all-gathered weight's scale from one all-reduce of all their shards' amaxes,
+    and every shard cast to fp8 with it (call after `optimizer.step()`; a no-op without such
+    weights). The amaxes come from one multi-tensor launch, the scales from one small vector
+    op per recipe and the casts from one compiled call per recipe; the fp8 shards (1 byte per
+    element of this process's shard) are kept until the weights change."""
     params = [p for p in model.parameters() if isinstance(_local(p), Float8AllGatherWeight)]
     if not params:
         return
@@ -227,5 +250,6 @@ def precompute_fp8_scales(model: nn.Module) -> None:
         by_recipe.setdefault(key, []).append(i)
     for (dtype, power_of_2), index in by_recipe.items():
         scales = fp8_scale_from_amax(amax[index].reshape(-1, 1, 1), dtype, power_of_2)
-        for i, scale in zip(index, scales):
-            shards[i]._precomputed = (scale, shards[i]._hp._version)
+        datas = cast_shards_to_fp8([shards[i]._hp for i in index], scales, dtype)
+        for i, data, scale in zip(index, datas, scales):
+            shards[i]._precomputed = (data, scale, shards[i]._hp._version)

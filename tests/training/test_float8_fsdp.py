@@ -129,10 +129,17 @@ def test_fused_shard_cast_gives_the_eager_codes(dtype):
     assert torch.equal(eager.view(torch.uint8), reference.view(torch.uint8))
 
 
-def test_precomputed_scales_are_each_weights_amax():
-    """One multi-tensor amax over all shards gives every weight the scale of its own amax."""
-    from lowbit.formats.fp8 import fp8_scale_from_amax
+@pytest.mark.parametrize("fused", [False, True])
+def test_precomputed_scales_are_each_weights_amax(fused, monkeypatch):
+    """One multi-tensor amax over all shards gives every weight the scale of its own amax, and
+    the one-call cast of all shards (compiled or eager) gives each the codes of its own cast."""
+    from lowbit.formats.fp8 import fp8_scale_from_amax, quantize_fp8
+    from lowbit.training import fsdp
     from lowbit.training.fsdp import Float8AllGatherWeight
+
+    eager_or_fused = fsdp.cast_shards_to_fp8
+    monkeypatch.setattr(fsdp, "cast_shards_to_fp8",
+                        lambda hps, scales, dtype: eager_or_fused(hps, scales, dtype, fused))
 
     model = Transformer(ModelArgs.from_name("tiny")).to(torch.bfloat16)
     init_weights(model, seed=0)
@@ -143,11 +150,13 @@ def test_precomputed_scales_are_each_weights_amax():
     checked = 0
     for p in model.parameters():
         if isinstance(p, Float8AllGatherWeight):
-            scale, version = p._precomputed
-            expected = fp8_scale_from_amax(p._hp.abs().amax().float().reshape(1, 1),
-                                           p.recipe.forward_dtype)
+            data, scale, version = p._precomputed
+            dtype = p.recipe.forward_dtype
+            expected = fp8_scale_from_amax(p._hp.abs().amax().float().reshape(1, 1), dtype)
             assert version == p._hp._version
             assert torch.equal(scale.reshape(1, 1), expected)
+            codes = quantize_fp8(p._hp, expected, tuple(p._hp.shape), dtype)
+            assert torch.equal(data.view(torch.uint8), codes.view(torch.uint8))
             checked += 1
     assert checked == wrapped
 
