@@ -8,12 +8,12 @@ too: autograd has to see the fp8 grad GEMMs.
 No Python autograd.Function: torch 2.11's dynamo traced the earlier one's backward through a
 fallback (taken because the CUDA GEMM wrapper reads strides) that gave all-zero compiled
 gradients. Instead the matmul is the custom op `lowbit::float8_train_mm` with its formula
-registered by `torch.library.register_autograd`, and every GEMM is the opaque op
-`lowbit::float8_scaled_mm`. Dynamo sees the forward casts and one `float8_train_mm` call;
-AOT autograd traces the registered backward (casts of the gradient and two
-`float8_scaled_mm` calls) with make_fx, the path every aten op's derivative takes. The casts
-stay plain tensor code on both sides, so inductor fuses them. The recipe crosses the op
-boundary as primitive arguments (bool, dtype), which op schemas take.
+registered by `torch.library.register_autograd`. Dynamo sees the forward casts and one
+`float8_train_mm` call; AOT autograd traces the registered backward (casts of the gradient
+and two `fp8_gemm.scaled_mm` GEMMs, plain tensor code) with make_fx, the path every aten op's
+derivative takes, so the compiled backward calls `aten._scaled_mm` directly. The casts stay
+plain tensor code on both sides, so inductor fuses them. The recipe crosses the op boundary
+as primitive arguments (bool, dtype), which op schemas take.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.training.fp8_gemm import cast_fp8, float8_scaled_mm
+from lowbit.training import fp8_gemm
+from lowbit.training.fp8_gemm import cast_fp8
 from lowbit.training.fsdp import Float8GatheredWeight
 from lowbit.training.recipes import Float8TrainingRecipe, as_recipe
 
@@ -55,7 +56,10 @@ def float8_train_mm(
     """
     # Fast (lower-precision) accumulation only in the forward, as is usual for fp8 training:
     # gradients accumulate over the token dim, where it would hurt most.
-    return float8_scaled_mm(xq, xs, wq.t(), ws.t(), out_dtype, True)
+    # The body runs eagerly, also under torch.compile; autocast would run the emulated GEMM
+    # in bfloat16, and the op fixes its own precision.
+    with torch.autocast(x.device.type, enabled=False):
+        return fp8_gemm.scaled_mm(xq, xs, wq.t(), ws.t(), out_dtype, True)
 
 
 @float8_train_mm.register_fake
@@ -87,8 +91,8 @@ def _gemm_operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _backward(ctx, grad_y):
-    """grad_x, grad_w in fp8 (see recipes.py). Plain tensor code around `float8_scaled_mm`:
-    AOT autograd traces it into the compiled backward."""
+    """grad_x, grad_w in fp8 (see recipes.py). Plain tensor code: AOT autograd traces it,
+    GEMMs included, into the compiled backward."""
     rowwise, fwd_dtype, grad_dtype, pow2, gw_hp = ctx.recipe_args
     x_dtype, w_dtype = ctx.dtypes
     need_x, need_w = ctx.needs_input_grad[:2]
@@ -100,23 +104,23 @@ def _backward(ctx, grad_y):
             xq_t, xs, wq_t, ws = ctx.saved_tensors
             if need_x:  # wq_t.t() is W [N, K] column-major already: no copy
                 a, b = _gemm_operands(gq, wq_t.t())
-                grad_x = float8_scaled_mm(a, gs, b, ws, x_dtype, False)
+                grad_x = fp8_gemm.scaled_mm(a, gs, b, ws, x_dtype)
             if need_w:
                 a, b = _gemm_operands(gq.t(), xq_t.t())
-                grad_w = float8_scaled_mm(a, gs, b, xs, w_dtype, False)
+                grad_w = fp8_gemm.scaled_mm(a, gs, b, xs, w_dtype)
         else:
             x, weight = ctx.saved_tensors
             if need_x:
                 wq, ws = cast_fp8(weight, fwd_dtype, True, pow2, axis=0)
                 a, b = _gemm_operands(gq, wq)
-                grad_x = float8_scaled_mm(a, gs, b, ws, x_dtype, False)
+                grad_x = fp8_gemm.scaled_mm(a, gs, b, ws, x_dtype)
             if need_w and gw_hp:
                 grad_w = (grad_y.t() @ x.to(grad_y.dtype)).to(w_dtype)
             elif need_w:
                 gq0, gs0 = cast_fp8(grad_y, grad_dtype, True, pow2, axis=0)
                 xq0, xs0 = cast_fp8(x, fwd_dtype, True, pow2, axis=0)
                 a, b = _gemm_operands(gq0.t(), xq0)
-                grad_w = float8_scaled_mm(a, gs0.t(), b, xs0, w_dtype, False)
+                grad_w = fp8_gemm.scaled_mm(a, gs0.t(), b, xs0, w_dtype)
     return (grad_x, grad_w) + (None,) * 11
 
 

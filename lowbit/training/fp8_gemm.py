@@ -48,31 +48,14 @@ def scaled_mm(
     use_fast_accum: bool = False,
 ) -> torch.Tensor:
     """(a * a_scale) @ (b * b_scale) for fp8 a [M, K], b [K, N]; scales [M, 1] / [1, N] or
-    [1, 1] each. Any strides are accepted; the CUDA path rearranges them as cuBLASLt needs."""
+    [1, 1] each. Any strides are accepted; the CUDA path rearranges them as cuBLASLt needs.
+
+    Plain tensor code (shape, stride and device checks are static under tracing), so inside a
+    compiled backward it becomes one `aten._scaled_mm` extern call: no Python on the host per
+    GEMM, which held FSDP2 steps back when each GEMM was an opaque custom op (~100 us each)."""
     if a.is_cuda:
         return _cuda_scaled_mm(a, a_scale, b, b_scale, out_dtype, use_fast_accum)
     return emulated_scaled_mm(a, a_scale, b, b_scale, out_dtype)
-
-
-@torch.library.custom_op("lowbit::float8_scaled_mm", mutates_args=())
-def float8_scaled_mm(
-    a: torch.Tensor,
-    a_scale: torch.Tensor,
-    b: torch.Tensor,
-    b_scale: torch.Tensor,
-    out_dtype: torch.dtype,
-    use_fast_accum: bool,
-) -> torch.Tensor:
-    """`scaled_mm` as one opaque op: torch.compile keeps the layout fix-ups, padding and the
-    device choice out of its graphs (and out of dynamo's hands) and calls this as a unit."""
-    # Autocast would run the emulated GEMM in bfloat16: the op fixes its own precision.
-    with torch.autocast(a.device.type, enabled=False):
-        return scaled_mm(a, a_scale, b, b_scale, out_dtype, use_fast_accum).contiguous()
-
-
-@float8_scaled_mm.register_fake
-def _(a, a_scale, b, b_scale, out_dtype, use_fast_accum):
-    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
 
 
 def emulated_scaled_mm(
