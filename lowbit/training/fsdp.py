@@ -132,9 +132,9 @@ def cast_shard_to_fp8(hp: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
     return (_cast_to_fp8_fused if use_fused else _cast_to_fp8)(hp, scale, dtype)
 
 
-def _cast_all_to_fp8(hps: list[torch.Tensor], scales: torch.Tensor,
+def _cast_all_to_fp8(hps: list[torch.Tensor], scales: torch.Tensor, index: list[int],
                      dtype: torch.dtype) -> list[torch.Tensor]:
-    return [_cast_to_fp8(hp, scale, dtype) for hp, scale in zip(hps, scales)]
+    return [_cast_to_fp8(hp, scales[i], dtype) for hp, i in zip(hps, index)]
 
 
 # All shards in one compiled call: a compiled call costs tens of microseconds of host time, and
@@ -143,11 +143,12 @@ def _cast_all_to_fp8(hps: list[torch.Tensor], scales: torch.Tensor,
 _cast_all_to_fp8_fused = torch.compile(_cast_all_to_fp8, fullgraph=True, dynamic=False)
 
 
-def cast_shards_to_fp8(hps: list[torch.Tensor], scales: torch.Tensor, dtype: torch.dtype,
-                       fused: bool | None = None) -> list[torch.Tensor]:
-    """`cast_shard_to_fp8` of every hp with its scale (scales [len(hps), 1, 1]), in one call."""
+def cast_shards_to_fp8(hps: list[torch.Tensor], scales: torch.Tensor, index: list[int],
+                       dtype: torch.dtype, fused: bool | None = None) -> list[torch.Tensor]:
+    """`cast_shard_to_fp8` of each hps[j] with scales[index[j]] (scales [n, 1, 1]), in one call.
+    Python ints pick the scales: an index tensor would have to come from the host."""
     use_fused = hps[0].is_cuda if fused is None else fused
-    return (_cast_all_to_fp8_fused if use_fused else _cast_all_to_fp8)(hps, scales, dtype)
+    return (_cast_all_to_fp8_fused if use_fused else _cast_all_to_fp8)(hps, scales, index, dtype)
 
 
 class Float8GatheredWeight(torch.Tensor):
@@ -222,12 +223,12 @@ def shard_amaxes(tensors: list[torch.Tensor]) -> torch.Tensor:
     """max |x| of each tensor as float32 [len(tensors)], from one multi-tensor launch
     (`_foreach_norm` with ord=inf, exact in any dtype). An empty shard gives 0: FSDP2 leaves a
     process no rows of a weight with fewer rows than processes."""
-    out = torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device)
-    filled = [i for i, t in enumerate(tensors) if t.numel()]
-    if filled:
-        norms = torch._foreach_norm([tensors[i] for i in filled], math.inf)
-        out[filled] = torch.stack(norms).float()
-    return out
+    filled = [t for t in tensors if t.numel()]
+    norms = iter(torch._foreach_norm(filled, math.inf) if filled else ())
+    zero = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+    # Gathered by stacking, not by indexing with a list: a list index is a host tensor whose
+    # copy to the GPU waits for the stream, which stalled every step here.
+    return torch.stack([next(norms).float() if t.numel() else zero for t in tensors])
 
 
 @torch.no_grad()
@@ -249,7 +250,8 @@ def precompute_fp8_scales(model: nn.Module) -> None:
         key = (shard.recipe.forward_dtype, shard.recipe.power_of_2_scales)
         by_recipe.setdefault(key, []).append(i)
     for (dtype, power_of_2), index in by_recipe.items():
-        scales = fp8_scale_from_amax(amax[index].reshape(-1, 1, 1), dtype, power_of_2)
-        datas = cast_shards_to_fp8([shards[i]._hp for i in index], scales, dtype)
-        for i, data, scale in zip(index, datas, scales):
-            shards[i]._precomputed = (data, scale, shards[i]._hp._version)
+        # Scales for the whole (short) amax vector, then integer picks: views, no host sync.
+        scales = fp8_scale_from_amax(amax.reshape(-1, 1, 1), dtype, power_of_2)
+        datas = cast_shards_to_fp8([shards[i]._hp for i in index], scales, index, dtype)
+        for i, data in zip(index, datas):
+            shards[i]._precomputed = (data, scales[i], shards[i]._hp._version)

@@ -139,7 +139,7 @@ def test_precomputed_scales_are_each_weights_amax(fused, monkeypatch):
 
     eager_or_fused = fsdp.cast_shards_to_fp8
     monkeypatch.setattr(fsdp, "cast_shards_to_fp8",
-                        lambda hps, scales, dtype: eager_or_fused(hps, scales, dtype, fused))
+                        lambda *args: eager_or_fused(*args, fused=fused))
 
     model = Transformer(ModelArgs.from_name("tiny")).to(torch.bfloat16)
     init_weights(model, seed=0)
@@ -159,6 +159,26 @@ def test_precomputed_scales_are_each_weights_amax(fused, monkeypatch):
             assert torch.equal(data.view(torch.uint8), codes.view(torch.uint8))
             checked += 1
     assert checked == wrapped
+
+
+def test_precompute_never_indexes_with_host_tensors():
+    """Advanced indexing takes an index tensor made on the host; on CUDA its copy to the GPU
+    waits for the stream, which stalled every FSDP2 step at the precompute."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    indexing = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default}
+
+    class NoAdvancedIndexing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func not in indexing, f"precompute_fp8_scales indexes with {func}"
+            return func(*args, **(kwargs or {}))
+
+    model = Transformer(ModelArgs.from_name("tiny")).to(torch.bfloat16)
+    convert_to_float8_training(model, "tensorwise")
+    enable_fp8_all_gather(model)
+    with NoAdvancedIndexing():
+        precompute_fp8_scales(model)
 
 
 def test_shard_amaxes_handles_empty_shards():
