@@ -111,7 +111,8 @@ def bench_shape(k: int, n: int, ms: list[int], configs: list[str], ao: dict) -> 
                 out = fn(*inputs[0])
                 if name in OPS:
                     row["sqnr_vs_reference_db"] = _sqnr(_reference_out(ws[0], xs[0]), out)
-                    row["kernel"] = kernel_name(OPS[name], xs[0])
+                    bits = 4 if name.startswith("int4") else 8  # int4 configs: with zeros
+                    row["kernel"] = kernel_name(OPS[name], xs[0], bits)
                 us, row["timing"] = time_op(fn, inputs)
             except Exception as e:  # a config that cannot run a shape is recorded, not hidden
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -75,12 +75,12 @@ class Float8AllGatherWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        recipe = next(a.recipe for a in tree_leaves(args) if isinstance(a, cls))
         plain_args, plain_kwargs = tree_map_only(cls, lambda t: t._hp, (args, kwargs))
         out = func(*plain_args, **plain_kwargs)
         if func._schema.is_mutable and args and isinstance(args[0], cls):
             return args[0]  # in place: the wrapper itself, as aliasing requires
         if func in _KEEP_WRAPPER:
+            recipe = next(a.recipe for a in tree_leaves(args) if isinstance(a, cls))
             return tree_map_only(torch.Tensor, lambda t: cls(t, recipe), out)
         return out
 
@@ -101,12 +101,12 @@ class Float8AllGatherWeight(torch.Tensor):
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
         (data,), (scale,) = outputs, metadata
+        # Scales are never written in place (each cast makes a new one), so the gathered weight
+        # can hold the very tensor: autograd keeps whichever one a pending backward saved.
         if out is not None:
-            # FSDP refilled the same data buffer; the scale is swapped, not written in place:
-            # autograd saved the old one for a backward that may still need it.
-            out._scale = scale.clone()
+            out._scale = scale  # FSDP refilled the same data buffer
             return None
-        return Float8GatheredWeight(data, scale.clone(), param_dtype), (data,)
+        return Float8GatheredWeight(data, scale, param_dtype), (data,)
 
     def _scale(self, mesh) -> torch.Tensor:
         amax = shard_amaxes([self._hp.detach()]).reshape(1, 1)
