@@ -25,6 +25,7 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
@@ -32,6 +33,8 @@ from lowbit.formats.fp8 import fp8_scale_from_amax, saturating_cast
 from lowbit.training.recipes import Float8TrainingRecipe
 
 aten = torch.ops.aten
+# float32 elements per precomputed scale row: 16 bytes, the alignment cuBLASLt's scales need.
+_SCALE_ROW = 4
 
 # Ops that FSDP2 and optimizers apply to a parameter and that must keep the wrapper (sharding
 # splits it, pads it into new zeros, views and copies it); anything else computes on the plain
@@ -134,7 +137,7 @@ def cast_shard_to_fp8(hp: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
 
 def _cast_all_to_fp8(hps: list[torch.Tensor], scales: torch.Tensor, index: list[int],
                      dtype: torch.dtype) -> list[torch.Tensor]:
-    return [_cast_to_fp8(hp, scales[i], dtype) for hp, i in zip(hps, index)]
+    return [_cast_to_fp8(hp, scales[i, :1], dtype) for hp, i in zip(hps, index)]
 
 
 # All shards in one compiled call: a compiled call costs tens of microseconds of host time, and
@@ -145,8 +148,8 @@ _cast_all_to_fp8_fused = torch.compile(_cast_all_to_fp8, fullgraph=True, dynamic
 
 def cast_shards_to_fp8(hps: list[torch.Tensor], scales: torch.Tensor, index: list[int],
                        dtype: torch.dtype, fused: bool | None = None) -> list[torch.Tensor]:
-    """`cast_shard_to_fp8` of each hps[j] with scales[index[j]] (scales [n, 1, 1]), in one call.
-    Python ints pick the scales: an index tensor would have to come from the host."""
+    """`cast_shard_to_fp8` of each hps[j] with scales[index[j], 0] (scales [n, k]), in one
+    call. Python ints pick the scales: an index tensor would have to come from the host."""
     use_fused = hps[0].is_cuda if fused is None else fused
     return (_cast_all_to_fp8_fused if use_fused else _cast_all_to_fp8)(hps, scales, index, dtype)
 
@@ -251,7 +254,9 @@ def precompute_fp8_scales(model: nn.Module) -> None:
         by_recipe.setdefault(key, []).append(i)
     for (dtype, power_of_2), index in by_recipe.items():
         # Scales for the whole (short) amax vector, then integer picks: views, no host sync.
+        # Rows padded to 16 bytes: cuBLASLt refuses a scale pointer that is not 16-byte aligned.
         scales = fp8_scale_from_amax(amax.reshape(-1, 1, 1), dtype, power_of_2)
+        scales = F.pad(scales.reshape(-1, 1), (0, _SCALE_ROW - 1))
         datas = cast_shards_to_fp8([shards[i]._hp for i in index], scales, index, dtype)
         for i, data in zip(index, datas):
-            shards[i]._precomputed = (data, scales[i], shards[i]._hp._version)
+            shards[i]._precomputed = (data, scales[i, :1].view(1, 1), shards[i]._hp._version)

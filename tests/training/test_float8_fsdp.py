@@ -155,6 +155,7 @@ def test_precomputed_scales_are_each_weights_amax(fused, monkeypatch):
             expected = fp8_scale_from_amax(p._hp.abs().amax().float().reshape(1, 1), dtype)
             assert version == p._hp._version
             assert torch.equal(scale.reshape(1, 1), expected)
+            assert scale.data_ptr() % 16 == 0  # cuBLASLt refuses unaligned scale pointers
             codes = quantize_fp8(p._hp, expected, tuple(p._hp.shape), dtype)
             assert torch.equal(data.view(torch.uint8), codes.view(torch.uint8))
             checked += 1
