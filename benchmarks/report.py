@@ -108,10 +108,14 @@ TITLES = {
     "sparse_ops_large_m": "2:4 sparse linear per op at large M, cuSPARSELt path (GPU: card in "
                           "the conditions)",
     "cslt_layouts": "cuSPARSELt output layouts, microseconds (GPU: card in the conditions)",
-    "fp8_training": "fp8 training throughput (GPU: card in the conditions)",
+    "fp8_training_32layers": "fp8 training throughput, all 32 layers of Llama-3-8B (GPU: card "
+                             "in the conditions)",
+    "fp8_training": "fp8 training throughput, 8 layers (GPU: card in the conditions)",
     "fp8_convergence": "fp8 training convergence on real text (GPU: card in the conditions)",
-    "fsdp_fp8": "FSDP2 training throughput per GPU, bf16 vs fp8 all-gather (GPU: card and "
-                "world_size in the conditions)",
+    "fsdp_fp8_32layers": "FSDP2 training throughput per GPU, 32 layers, bf16 vs fp8 all-gather "
+                         "(GPU: card and world_size in the conditions)",
+    "fsdp_fp8": "FSDP2 training throughput per GPU, 8 layers, session 5's code (before the "
+                "batched shard casts and the host-sync fix)",
     "host_overhead": "Host time of one compiled decode call, GPU work removed (CPU)",
     "train_mx": "Emulated MXFP8 training vs bf16 on real text (GPU: card in the conditions)",
     "optim_speed": "Low-bit AdamW step time (GPU: card in the conditions)",

@@ -31,8 +31,7 @@ def _op_args(x, w, name, out_dtype):
     r = Float8TrainingRecipe.from_name(name)
     xq, xs = cast_fp8(x.detach(), r.forward_dtype, r.rowwise, r.power_of_2_scales, axis=1)
     wq, ws = cast_fp8(w.detach(), r.forward_dtype, r.rowwise, r.power_of_2_scales, axis=1)
-    xq_t, wq_t = (None, None) if r.rowwise else (xq.t().contiguous(), wq.t().contiguous())
-    return (x, w, xq, xs, wq, ws, xq_t, wq_t, r.rowwise, r.grad_dtype, r.power_of_2_scales,
+    return (x, w, xq, xs, wq, ws, r.rowwise, r.grad_dtype, r.power_of_2_scales,
             r.grad_weight_high_precision, out_dtype)
 
 
