@@ -383,3 +383,26 @@ def test_fp8_row_quantizer_matches_reference(per_row):
     assert torch.equal(q.float(), expected.float())
     fake, _ = quantize_fp8_rows(x, per_row, fake=True)
     torch.testing.assert_close(fake.float(), (q.float() * s).to(x.dtype).float(), rtol=0, atol=0)
+
+
+def test_tuner_warns_about_candidates_that_do_not_compile():
+    """A tile that needs more shared memory than the GPU has is dropped quietly; one that does
+    not compile is a kernel bug and is reported (the tuner once skipped such tiles silently)."""
+    import ast
+
+    import triton
+
+    from lowbit.kernels.triton.weight_only import runnable
+
+    launched = []
+
+    def launch(cand, compile_only):
+        if cand == "too-big":
+            raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+        if cand == "broken":
+            raise triton.CompilationError("src", ast.parse("x"), "inconsistent return shapes")
+        launched.append(cand)
+
+    with pytest.warns(RuntimeWarning, match="broken.*does not compile"):
+        ok = runnable(["a", "too-big", "broken", "b"], launch)
+    assert ok == ["a", "b"] and launched == ["a", "b"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -92,12 +93,8 @@ class Tuner:
         flush = torch.empty(l2_bytes // 2, device=device, dtype=torch.float32)  # 2x L2
         base = _graph_ms([flush.sum])
         timed = []
-        for cand in candidates:
+        for cand in runnable(candidates, launch):
             run = functools.partial(launch, cand, False)
-            try:
-                run()  # outside the capture: compiles if needed and loads the module
-            except (triton.runtime.errors.OutOfResources, triton.CompilationError):
-                continue
             try:
                 ms = _graph_ms([flush.sum, run]) - base
             except RuntimeError:  # not capturable here: keep the candidates that are
@@ -108,6 +105,25 @@ class Tuner:
     def chosen(self) -> dict[Hashable, object]:
         """Winners so far (for benchmarks and logs)."""
         return dict(self._best)
+
+
+def runnable(candidates: Sequence, launch: Launch) -> list:
+    """The candidates that launch (each run once, outside any capture, which also loads its
+    module). One that needs more of the GPU than it has is dropped quietly; one that fails to
+    compile is dropped with a warning: that is a kernel bug which only some tiles reach, and
+    silently skipping it once hid such a bug until a test launched every tile."""
+    ok = []
+    for cand in candidates:
+        try:
+            launch(cand, False)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        except triton.CompilationError as e:
+            warnings.warn(f"lowbit: Triton launch candidate {cand} does not compile and is "
+                          f"skipped by the tuner: {e}", RuntimeWarning, stacklevel=2)
+            continue
+        ok.append(cand)
+    return ok
 
 
 def _graph_ms(fns: Sequence[Callable[[], object]], rounds: int = 8) -> float:
