@@ -7,7 +7,9 @@ data-parallel training means. fp8 casts see the same full weight in both runs, t
 is exact and averaging two gradients is one float32 addition and an exact halving, so the
 losses and the parameters after each step must be bit-identical. With the fp8 all-gather the
 shards are cast before the gather with the whole weight's scale (amaxes reduced across
-processes), which gives the very same fp8 weight: still bit-identical.
+processes), which gives the very same fp8 weight: still bit-identical. With the blocks under
+activation checkpointing the recomputed forward (fed by the backward's all-gather) must give
+the same again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import fully_shard
 
 from lowbit.models.llama import ModelArgs, Transformer, init_weights
@@ -32,9 +35,10 @@ from lowbit.training import (
 
 WORLD = 2
 STEPS = 2
-# (recipe, fp8 all-gather, precomputed scales)
-CASES = (("tensorwise", False, False), ("rowwise", False, False), ("tensorwise", True, True),
-         ("tensorwise", True, False))
+# (recipe, fp8 all-gather, precomputed scales, activation checkpointing of the blocks)
+CASES = (("tensorwise", False, False, False), ("rowwise", False, False, False),
+         ("tensorwise", True, True, False), ("tensorwise", True, False, False),
+         ("tensorwise", True, True, True), ("rowwise", False, False, True))
 
 
 def _batch(rank: int, step: int) -> torch.Tensor:
@@ -47,11 +51,15 @@ def _loss(model, tokens):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def _check_recipe(rank: int, recipe: str, fp8_gather: bool, precompute: bool) -> None:
+def _check_recipe(rank: int, recipe: str, fp8_gather: bool, precompute: bool,
+                  ckpt: bool) -> None:
     model = Transformer(ModelArgs.from_name("tiny"))
     init_weights(model, seed=0)
     convert_to_float8_training(model, recipe)
     reference = copy.deepcopy(model)
+    if ckpt:  # the recomputed forward sees the weights of the backward's all-gather
+        for i, block in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(block)
     gathered = []
     if fp8_gather:
         assert enable_fp8_all_gather(model) > 0
@@ -79,12 +87,12 @@ def _check_recipe(rank: int, recipe: str, fp8_gather: bool, precompute: bool) ->
             ref_losses.append(ref_loss * WORLD)
         ref_opt.step()
         ref_opt.zero_grad()
-        assert torch.equal(loss.detach(), ref_losses[rank].detach()), (recipe, step)
+        assert torch.equal(loss.detach(), ref_losses[rank].detach()), (recipe, ckpt, step)
     if fp8_gather:  # the layers really received fp8 data from the all-gather
         assert gathered and all(isinstance(w, Float8GatheredWeight) for w in gathered)
         assert all(w._data.dtype == torch.float8_e4m3fn for w in gathered)
     for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
-        assert torch.equal(p.full_tensor(), ref.detach()), (recipe, name)
+        assert torch.equal(p.full_tensor(), ref.detach()), (recipe, ckpt, name)
 
 
 def _worker(rank: int, port: int) -> None:

@@ -114,10 +114,11 @@ def test_eval_flag_and_convert_back():
         assert torch.equal(model(tokens), plain_logits)
 
 
-def test_activation_checkpointing_gives_same_grads():
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
+def test_activation_checkpointing_gives_same_grads(recipe):
     torch.manual_seed(0)
     block = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
-    convert_to_float8_training(block, "rowwise")
+    convert_to_float8_training(block, recipe)
     x = torch.randn(4, 8, 32, requires_grad=True)
     block(x).square().sum().backward()
     grads = [p.grad.clone() for p in block.parameters()] + [x.grad.clone()]
