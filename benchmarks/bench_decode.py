@@ -40,6 +40,7 @@ from lowbit.models import (  # noqa: E402
     ModelArgs,
     Transformer,
     decode_one_token,
+    fuse_projections_,
     init_weights,
 )
 from lowbit.models.llama import TransformerBlock  # noqa: E402
@@ -247,6 +248,9 @@ def main() -> None:
                    help="step: the whole decode step is one graph; blocks: one graph for the "
                         "transformer block, reused by every layer (much faster to compile; "
                         "needs --graphs manual)")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="fuse wq/wk/wv and w1/w3 (lowbit.models.fuse_projections_) in the bf16 "
+                        "model that every row, torchao's included, starts from")
     args = p.parse_args()
     if args.compile == "blocks" and args.graphs != "manual":
         p.error("--compile blocks needs --graphs manual")
@@ -254,6 +258,8 @@ def main() -> None:
         torch._logging.set_logs(perf_hints=True)  # says why a graph is not CUDA-graphed
     batches = [int(b) for b in args.batches.split(",")]
     base = build_bf16(args.layers, args.prompt + args.new)
+    if args.fuse_projections:
+        fuse_projections_(base)
     torch.manual_seed(2)
     check_prompt = torch.randint(0, base.args.vocab_size, (1, 64), device="cuda")
     with torch.no_grad():
@@ -301,7 +307,8 @@ def _save(args: argparse.Namespace, rows: list[dict]) -> Path:
                 else f"fullgraph ({args.compile}), captured by GraphedDecodeStep")
     cond = conditions() | {"layers": args.layers, "prompt": args.prompt, "new_tokens": args.new,
                            "model": "llama3-8b dims", "compile": compiled,
-                           "skip_guard_eval_unsafe": args.skip_guards}
+                           "skip_guard_eval_unsafe": args.skip_guards,
+                           "fused_projections": args.fuse_projections}
     return write_result(args.out, {"conditions": cond, "rows": rows})
 
 

@@ -6,7 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lowbit.models import ModelArgs, Transformer, decode_one_token, generate, init_weights
+from lowbit.models import (
+    ModelArgs,
+    Transformer,
+    decode_one_token,
+    fuse_projections_,
+    generate,
+    init_weights,
+)
 
 TINY = ModelArgs.from_name("tiny")
 
@@ -116,9 +123,12 @@ def test_sampling_respects_top_k():
     assert torch.equal(out, generate(model, prompt, max_new_tokens=1))
 
 
-def test_compiled_decode_step_matches_eager():
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_decode_step_matches_eager(fused):
     """Dynamo captures the step whole (no graph breaks); aot_eager keeps the test fast on CPU."""
     model = make_model()
+    if fused:
+        fuse_projections_(model)
     prompt = tokens(2, 6)
     eager = generate(model, prompt, max_new_tokens=5)
     step = torch.compile(decode_one_token, fullgraph=True, backend="aot_eager")
@@ -176,3 +186,64 @@ def test_setup_caches_reuses_buffers_of_the_same_shape():
     model.setup_caches(max_batch_size=2, max_seq_len=8)
     assert model.layers[0].attention.kv_cache.k.shape[0] == 2
     assert model.cache_generation == generation + 1
+
+
+def _tiny_pair():
+    plain = Transformer(ModelArgs.from_name("tiny"))
+    init_weights(plain, seed=0)
+    fused = Transformer(ModelArgs.from_name("tiny"))
+    fused.load_state_dict(plain.state_dict())
+    return plain, fuse_projections_(fused)
+
+
+def test_fused_projections_give_the_same_outputs():
+    plain, fused = _tiny_pair()
+    keys = set(fused.state_dict())
+    assert "layers.0.attention.wqkv.weight" in keys and "layers.0.feed_forward.w13.weight" in keys
+    assert not any(k.endswith((".wq.weight", ".wk.weight", ".w1.weight", ".w3.weight"))
+                   for k in keys)
+    tokens = torch.randint(0, 256, (2, 24))
+    # Same products, only the GEMM's blocking may differ: float32 rounding-level differences.
+    torch.testing.assert_close(fused(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+    prompt = tokens[:1, :8]
+    assert torch.equal(generate(fused, prompt, 6), generate(plain, prompt, 6))
+
+
+@pytest.mark.parametrize("config", ["int4-g64", "int8", "fp8"])
+def test_quantizing_fused_weights_gives_the_parts_codes(config):
+    """Scales are per output row (and per group along K), so the fused weight quantizes to the
+    concatenation of the parts' quantized weights, exactly."""
+    from lowbit.quantize import preset, quantize_
+
+    plain, fused = _tiny_pair()
+    quantize_(plain, preset(config), show_progress=False)
+    quantize_(fused, preset(config), show_progress=False)
+    for p_block, f_block in zip(plain.layers, fused.layers):
+        att, ffn = p_block.attention, p_block.feed_forward
+        parts = [att.wq.weight, att.wk.weight, att.wv.weight]
+        expected = torch.cat([w.dequantize() for w in parts])
+        assert torch.equal(f_block.attention.wqkv.weight.dequantize(), expected)
+        expected = torch.cat([ffn.w1.weight.dequantize(), ffn.w3.weight.dequantize()])
+        assert torch.equal(f_block.feed_forward.w13.weight.dequantize(), expected)
+
+
+def test_fusing_quantized_weights_is_refused_and_changes_nothing():
+    from lowbit.quantize import preset, quantize_
+
+    model = Transformer(ModelArgs.from_name("tiny"))
+    init_weights(model, seed=0)
+    # Quantize only the last block's MLP: the first block would fuse, the check must come first.
+    quantize_(model, preset("int8"), lambda m, fqn: fqn.startswith("layers.1.feed_forward."),
+              show_progress=False)
+    before = dict(model.state_dict())
+    with pytest.raises(TypeError, match="fuse before quantizing"):
+        fuse_projections_(model)
+    assert model.state_dict().keys() == before.keys()
+    assert not any(m.fused for m in model.modules() if hasattr(m, "fused"))
+
+
+def test_fusing_twice_is_a_no_op():
+    _, fused = _tiny_pair()
+    weights = [p.data_ptr() for p in fused.parameters()]
+    fuse_projections_(fused)
+    assert [p.data_ptr() for p in fused.parameters()] == weights
