@@ -2,7 +2,7 @@
 exits 1 if any compiled weight/input gradient is zero or differs from eager (SQNR < 40 dB).
 
 torch 2.11 gave all-zero compiled grads while the fp8 matmul was an autograd.Function; it is
-now the custom ops lowbit::float8_train_mm / lowbit::float8_train_mm_backward.
+now the op lowbit::float8_train_mm_v2 with a registered backward.
 """
 import math
 import sys

@@ -117,6 +117,8 @@ TITLES = {
     "fsdp_fp8": "FSDP2 training throughput per GPU, 8 layers, session 5's code (before the "
                 "batched shard casts and the host-sync fix)",
     "host_overhead": "Host time of one compiled decode call, GPU work removed (CPU)",
+    "fp8_host_overhead": "Compiled fp8 training step per linear, tiny shapes: host-side cost by "
+                         "code version (CPU)",
     "train_mx": "Emulated MXFP8 training vs bf16 on real text (GPU: card in the conditions)",
     "optim_speed": "Low-bit AdamW step time (GPU: card in the conditions)",
     "optim_convergence": "Low-bit AdamW convergence on real text (~100M params, GPU)",

@@ -7,13 +7,16 @@ too: autograd has to see the fp8 grad GEMMs.
 
 No Python autograd.Function: torch 2.11's dynamo traced the earlier one's backward through a
 fallback (taken because the CUDA GEMM wrapper reads strides) that gave all-zero compiled
-gradients. Instead the matmul is the custom op `lowbit::float8_train_mm` with its formula
-registered by `torch.library.register_autograd`. Dynamo sees the forward casts and one
-`float8_train_mm` call; AOT autograd traces the registered backward (casts of the gradient
-and two `fp8_gemm.scaled_mm` GEMMs, plain tensor code) with make_fx, the path every aten op's
-derivative takes, so the compiled backward calls `aten._scaled_mm` directly. The casts stay
-plain tensor code on both sides, so inductor fuses them. The recipe crosses the op boundary
-as primitive arguments (bool, dtype), which op schemas take.
+gradients. Instead the matmul is the op `lowbit::float8_train_mm_v2` (`fp8_gemm.TRAIN_MM_OP`,
+versioned: see there) with its formula registered by `torch.library.register_autograd`.
+Dynamo sees the forward casts and one `float8_train_mm` call. The op is a
+`torch.library.triton_op`, not an opaque `custom_op`: AOT autograd traces its body (plain
+tensor code around `fp8_gemm.scaled_mm`) and the registered backward (casts of the gradient
+and two GEMMs) with make_fx, the path every aten op's derivative takes. So the compiled step
+calls `aten._scaled_mm` directly, with no Python per GEMM (an opaque op cost ~100-150 us of
+host time per call, which held back FSDP2 steps and small models). The casts stay plain
+tensor code on both sides, so inductor fuses them. The recipe crosses the op boundary as
+primitive arguments (bool, dtype), which op schemas take.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.training import fp8_gemm
-from lowbit.training.fp8_gemm import cast_fp8
+from lowbit.training.fp8_gemm import TRAIN_MM_OP, cast_fp8
 from lowbit.training.fsdp import Float8GatheredWeight
 from lowbit.training.recipes import Float8TrainingRecipe, as_recipe
 
 
-@torch.library.custom_op("lowbit::float8_train_mm", mutates_args=())
+@torch.library.triton_op(TRAIN_MM_OP, mutates_args=())
 def float8_train_mm(
     x: Tensor,
     weight: Tensor,
@@ -51,8 +54,7 @@ def float8_train_mm(
     """
     # Fast (lower-precision) accumulation only in the forward, as is usual for fp8 training:
     # gradients accumulate over the token dim, where it would hurt most.
-    # The body runs eagerly, also under torch.compile; autocast would run the emulated GEMM
-    # in bfloat16, and the op fixes its own precision.
+    # Autocast would run the emulated GEMM in bfloat16: the op fixes its own precision.
     with torch.autocast(x.device.type, enabled=False):
         return fp8_gemm.scaled_mm(xq, xs, wq.t(), ws.t(), out_dtype, True)
 

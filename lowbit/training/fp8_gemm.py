@@ -15,6 +15,13 @@ import torch.nn.functional as F
 
 from lowbit.formats.fp8 import choose_fp8_scale, quantize_fp8
 
+# The fp8 training linear's op (lowbit.training.float8_linear), by a versioned name: the on-disk
+# AOTAutograd cache keys on dynamo's graph, where the op shows by name only (torch 2.11-2.13
+# hash neither its Python body nor its backward formula). Bump the version whenever either
+# changes, or graphs compiled by an older lowbit are reused (seen: a cached backward calling
+# an op that the newer lowbit no longer had).
+TRAIN_MM_OP = "lowbit::float8_train_mm_v2"
+
 # cuBLASLt's fp8 GEMM needs the contraction dim and the output's column count to be multiples
 # of 16 (`torch._scaled_mm` checks this).
 FP8_GEMM_ALIGN = 16

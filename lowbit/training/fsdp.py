@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from lowbit.formats.fp8 import fp8_scale_from_amax, saturating_cast
+from lowbit.training.fp8_gemm import TRAIN_MM_OP
 from lowbit.training.recipes import Float8TrainingRecipe
 
 aten = torch.ops.aten
@@ -189,7 +190,7 @@ class Float8GatheredWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.lowbit.float8_train_mm.default:
+        if func.name() == TRAIN_MM_OP:
             # The op reads only its pre-cast operands; the weight argument routes gradients.
             return func(*tree_map_only(cls, lambda t: t._data, args), **kwargs)
         if func in (aten.detach.default, aten.alias.default, aten.as_strided.default,

@@ -196,3 +196,28 @@ def test_shard_amaxes_handles_empty_shards():
     shards = [torch.tensor([[1.0, -3.5]], dtype=torch.bfloat16), torch.empty(0, 2),
               torch.tensor([-0.25])]
     assert shard_amaxes(shards).tolist() == [3.5, 0.0, 0.25]
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")  # torch's aot_eager backend
+def test_gathered_fp8_weight_compiles_like_eager():
+    """The layer FSDP2 hands a Float8GatheredWeight (fp8 data + scale) gives the same output and
+    gradients compiled as eager: the GEMM op is traced through the subclass."""
+    from torch import nn
+
+    from lowbit.training import Float8TrainingLinear, cast_fp8
+
+    torch.manual_seed(0)
+    lin = Float8TrainingLinear(64, 32, bias=False, recipe="tensorwise")
+    data, scale = cast_fp8(lin.weight.detach(), torch.float8_e4m3fn, False, False, axis=1)
+    lin.weight = nn.Parameter(Float8GatheredWeight(data, scale, torch.float32))
+    x = torch.randn(16, 64, requires_grad=True)
+    runs = []
+    for fn in (lin, torch.compile(lin, backend="aot_eager", fullgraph=True)):
+        torch._dynamo.reset()
+        y = fn(x)
+        y.square().sum().backward()
+        runs.append((y.detach(), lin.weight.grad, x.grad))
+        lin.weight.grad = x.grad = None
+    (y0, gw0, gx0), (y1, gw1, gx1) = runs
+    assert gw0 is not None and gw0.abs().sum() > 0
+    assert torch.equal(y0, y1) and torch.equal(gw0, gw1) and torch.equal(gx0, gx1)

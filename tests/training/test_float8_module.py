@@ -135,7 +135,7 @@ def test_activation_checkpointing_gives_same_grads(recipe):
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
 def test_compile_fullgraph_grads_equal_eager(recipe):
     # fullgraph=True raises on any graph break. Dynamo sees the forward casts and one
-    # lowbit::float8_train_mm call; AOT autograd traces its registered backward
+    # lowbit::float8_train_mm_v2 call; AOT autograd traces its body and registered backward
     # (tests/training/test_float8_ops.py checks both graphs and that no op syncs with the host).
     x = torch.randn(2, 8, 32, requires_grad=True)
     lin = Float8TrainingLinear(32, 16, recipe=recipe)

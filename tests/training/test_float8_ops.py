@@ -1,9 +1,9 @@
-"""The fp8 training linear's custom op: opcheck, what torch.compile sees, what is saved for
+"""The fp8 training linear's op: opcheck, what torch.compile sees, what is saved for
 backward, no host syncs, autocast, and compiled gradients through the cuBLASLt GEMM wrapper.
 
 Why the op exists: torch 2.11's dynamo traced the earlier autograd.Function's backward through
 a fallback (taken when the backward reads a tensor's strides, as the CUDA GEMM wrapper does)
-that gave all-zero compiled gradients. Now dynamo sees `lowbit::float8_train_mm`, whose
+that gave all-zero compiled gradients. Now dynamo sees `lowbit::float8_train_mm_v2`, whose
 registered backward (casts and GEMMs, plain tensor code) AOT autograd traces with make_fx.
 """
 
@@ -17,9 +17,10 @@ from torch._dynamo.testing import AotEagerAndRecordGraphs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowbit.training import Float8TrainingLinear, Float8TrainingRecipe, cast_fp8, float8_linear
+from lowbit.training.float8_linear import float8_train_mm
 
 RECIPES = ["tensorwise", "rowwise", "rowwise_with_gw_hp"]
-TRAIN_MM = torch.ops.lowbit.float8_train_mm.default
+TRAIN_MM = float8_train_mm._opoverload
 FP8_GEMM = importlib.import_module("lowbit.training.fp8_gemm")
 # torch's schema checker multiplies inputs to detect mutation, which it cannot do to float8
 # tensors on CPU; the other checks still cover ops with float8 inputs.
@@ -104,6 +105,10 @@ def test_compile_graphs(recipe):
     (dynamo_graph,) = rec.graphs
     assert targets(dynamo_graph).count(str(TRAIN_MM)) == 1
     assert not any("autograd_function_apply" in t for t in targets(dynamo_graph))
+    # AOT autograd traces the op's body: the compiled forward calls the GEMM itself, with no
+    # Python op left for the host to run per call.
+    (fw,) = rec.fw_graphs
+    assert not any(t.startswith("lowbit.") for t in targets(fw))
     # AOT autograd's backward is the registered formula traced into aten ops: gradient casts
     # to the recipe's fp8 dtype around two GEMMs (emulated on CPU: upcast + mm), no custom op
     # left for the host to run in Python.
