@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BF16_TFLOPS, RESULTS, conditions, write_result  # noqa: E402
 
-from lowbit.models import ModelArgs, Transformer, init_weights  # noqa: E402
+from lowbit.models import ModelArgs, Transformer, fuse_projections_, init_weights  # noqa: E402
 from lowbit.training import convert_to_float8_training, float8_linear  # noqa: E402
 
 RECIPES = ["tensorwise", "rowwise", "rowwise_with_gw_hp"]
@@ -39,11 +39,13 @@ def not_output(module: torch.nn.Module, fqn: str) -> bool:
     return fqn != "output"
 
 
-def build(variant: str, args: ModelArgs) -> Transformer:
+def build(variant: str, args: ModelArgs, fuse: bool = False) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device="cuda").to(torch.bfloat16)
     init_weights(model, seed=0)
+    if fuse:
+        fuse_projections_(model)
     if variant in RECIPES:
         convert_to_float8_training(model, variant, not_output)
     elif variant.startswith("torchao-"):
@@ -125,9 +127,9 @@ def write_profile(name: str, step, batches, host: bool = False) -> None:
 
 
 def run(variant: str, args: ModelArgs, batch: int, seq: int, steps: int, warmup: int,
-        profile: bool = False) -> dict:
+        profile: bool = False, fuse: bool = False) -> dict:
     torch._dynamo.reset()
-    model = build(variant, args)
+    model = build(variant, args, fuse)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, args.vocab_size, (batch, seq + 1), device="cuda", generator=gen)
@@ -176,6 +178,9 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default="fp8_training")
     p.add_argument("--profile", action="store_true", help="also write a kernel-time table")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="fuse wq/wk/wv and w1/w3 (lowbit.models.fuse_projections_) in every "
+                        "variant's model, torchao's included")
     opts = p.parse_args()
     variants = opts.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
@@ -187,7 +192,8 @@ def main() -> None:
     rows = []
     for variant in variants:
         try:
-            row = run(variant, args, opts.batch, opts.seq, opts.steps, opts.warmup, opts.profile)
+            row = run(variant, args, opts.batch, opts.seq, opts.steps, opts.warmup, opts.profile,
+                      opts.fuse_projections)
         except Exception as e:  # one failing variant (e.g. torchao missing) keeps the others
             row = {"variant": variant, "error": f"{type(e).__name__}: {e}"[:500]}
             gc.collect()
@@ -212,7 +218,8 @@ def main() -> None:
               "n_kv_heads": args.n_kv_heads, "vocab": args.vocab_size,
               "steps": opts.steps, "warmup": opts.warmup,
               "compile": "torch.compile per block, fullgraph", "optimizer": "AdamW fused",
-              "fp8 layers": "all block linears; output head bf16"}
+              "fp8 layers": "all block linears; output head bf16",
+              "fused_projections": opts.fuse_projections}
     path = write_result(opts.out, {"conditions": conditions(), "shapes": shapes,
                                    "gemm_check_sqnr_db": checks, "rows": rows})
     print(f"wrote {path}")
