@@ -100,24 +100,26 @@ def train(model, ids: torch.Tensor, args, label: str) -> dict:
 
 
 def add_train_args(ap: argparse.ArgumentParser, steps: int, seq_len: int, batch: int,
-                   lr: float) -> None:
-    """The options `train` reads (with these defaults), plus --seed and --threads."""
+                   lr: float, out: Path) -> None:
+    """The options `train` reads (with these defaults), plus --seed and --threads, and the
+    results file --out with --merge (combine rows run in separate processes into it)."""
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--seq-len", type=int, default=seq_len)
     ap.add_argument("--batch", type=int, default=batch)
     ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="only merge the rows of these result files (same settings) into --out")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_train_args(ap, steps=300, seq_len=256, batch=4, lr=2e-5)
-    ap.add_argument("--out", type=Path, default=RESULTS / "qat_smollm2.json")
+    add_train_args(ap, steps=300, seq_len=256, batch=4, lr=2e-5,
+                   out=RESULTS / "qat_smollm2.json")
     ap.add_argument("--rows", default="base,qat,finetune",
                     help="which parts to run: base (fp32, PTQ), qat, finetune")
-    ap.add_argument("--merge", type=Path, nargs="*", default=[],
-                    help="only merge the rows of these result files (same settings) into --out")
     args = ap.parse_args()
     if args.merge:
         _merge(args.out, args.merge)

@@ -68,11 +68,9 @@ def build_row(name: str, base, ids: torch.Tensor, args) -> tuple:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_train_args(ap, steps=60, seq_len=128, batch=1, lr=1e-4)
+    add_train_args(ap, steps=60, seq_len=128, batch=1, lr=1e-4,
+                   out=RESULTS / "sparse_train_smollm2.json")
     ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--out", type=Path, default=RESULTS / "sparse_train_smollm2.json")
-    ap.add_argument("--merge", type=Path, nargs="*", default=[],
-                    help="only merge the rows of these result files (same settings) into --out")
     args = ap.parse_args()
     if args.merge:
         _merge(args.out, args.merge)
