@@ -110,6 +110,8 @@ TITLES = {
     "cslt_layouts": "cuSPARSELt output layouts, microseconds (GPU: card in the conditions)",
     "fp8_training_32layers": "fp8 training throughput, all 32 layers of Llama-3-8B (GPU: card "
                              "in the conditions)",
+    "fp8_training_32layers_b2": "fp8 training throughput, all 32 layers of Llama-3-8B, batch 2 "
+                                "x 4096 tokens (GPU: card in the conditions)",
     "fp8_training": "fp8 training throughput, 8 layers (GPU: card in the conditions)",
     "fp8_convergence": "fp8 training convergence on real text (GPU: card in the conditions)",
     "fsdp_fp8_32layers": "FSDP2 training throughput per GPU, 32 layers, bf16 vs fp8 all-gather "
