@@ -36,6 +36,7 @@ from common import (  # noqa: E402
 
 from lowbit.kernels import reference as ref  # noqa: E402
 from lowbit.kernels.cuda import kernel_name  # noqa: E402
+from lowbit.kernels.triton.weight_only import TUNER  # noqa: E402
 from lowbit.quantize import preset, quantize_weight  # noqa: E402
 from lowbit.tensors import Float8Weight  # noqa: E402
 
@@ -107,8 +108,12 @@ def bench_shape(k: int, n: int, ms: list[int], configs: list[str], ao: dict) -> 
                 def fn(x, w):
                     return F.linear(x, w)
             row = {"K": k, "N": n, "M": m, "config": name, "weight_bytes": nbytes}
+            tuned_before = set(TUNER.chosen())
             try:
                 out = fn(*inputs[0])
+                tiles = [str(t) for key, t in TUNER.chosen().items() if key not in tuned_before]
+                if tiles:  # the launch configs the tuner picked for this op (Triton kernels)
+                    row["tuned"] = tiles
                 if name in OPS:
                     row["sqnr_vs_reference_db"] = _sqnr(_reference_out(ws[0], xs[0]), out)
                     bits = 4 if name.startswith("int4") else 8  # int4 configs: with zeros

@@ -201,6 +201,28 @@ def test_swapped_gemm_tiles(fmt):
         assert_matches_linear(out, x, w, bias)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
+@pytest.mark.parametrize("m", [2, 3, 8, 13])
+def test_every_multi_row_gemv_tile(fmt, m):
+    """Every multi-row GEMV candidate of M's bucket (the tuner weighs them against tl.dot on the
+    GPU): N = 40 leaves partial row blocks, M below the bucket masks rows of x, and the K splits
+    go through the fp32 workspace."""
+    from lowbit.kernels.triton import weight_only as wo
+
+    k, n, g = 256, 40, 64
+    x = make_x(m, k, torch.bfloat16)
+    words, scale, zero, code, w = _weights(fmt, n, k, g, torch.bfloat16)
+    g = k // scale.shape[1]
+    bias = maybe_bias(n, torch.bfloat16, True)
+    tiles = wo._gemv_candidates(x, n, k, g, wo._CODES_PER_WORD[code])
+    assert tiles and all(t.bm == wo.m_bucket(m) for t in tiles)
+    # K is too short for the tuned steps to split: a narrow step splits it in two.
+    for cfg in [*tiles, wo.GemvCfg(4, 16, 1, 1, split=2, bm=wo.m_bucket(m))]:
+        out = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
+        wo._gemv_launch(cfg, False, x, words, scale, zero, bias, out, code, g)
+        assert_matches_linear(out, x, w, bias)
+
+
 def test_fp8_decodes_every_code():
     """All 254 finite e4m3 codes (subnormals, both zeros, +-448) through the bit-trick decode."""
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
@@ -319,6 +341,27 @@ def test_every_swapped_gemm_tile(m, fmt):
         out = torch.empty(m, N_FULL, device=DEVICE, dtype=torch.bfloat16)
         wo._gemm_launch(cfg, False, x, words, scale, zero, bias, out, code, g)
         assert sqnr_db(out, ref) > 40, cfg  # bf16 weights and output: ~50 dB
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("m", [2, 5, 8, 16])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
+def test_every_multi_row_gemv_tile_full_size(m, fmt):
+    """Every multi-row GEMV candidate of M's bucket, compiled, on a full-size layer."""
+    from lowbit.kernels.triton import weight_only as wo
+
+    x = make_x(m, K_FULL, torch.bfloat16)
+    words, scale, zero, code, w = _weights(fmt, N_FULL, K_FULL, 128, torch.bfloat16)
+    bias = maybe_bias(N_FULL, torch.bfloat16, True)
+    ref = linear_ref(x, w, bias)
+    g = K_FULL // scale.shape[1]
+    tiles = wo._gemv_candidates(x, N_FULL, K_FULL, g, wo._CODES_PER_WORD[code])
+    assert tiles
+    for cfg in tiles:
+        out = torch.empty(m, N_FULL, device=DEVICE, dtype=torch.bfloat16)
+        wo._gemv_launch(cfg, False, x, words, scale, zero, bias, out, code, g)
+        assert sqnr_db(out, ref) > 40, cfg  # fp32 sums, bf16 output: ~50 dB
 
 
 @pytest.mark.cuda

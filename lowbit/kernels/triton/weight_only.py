@@ -428,14 +428,80 @@ def _gemv_kernel(
         tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
+@triton.jit
+def _gemv_rows_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, g, WORDS, ITERS, stride_s, stride_xm,
+    FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
+    WPG: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """out[m, n] for up to BM rows of x: ``_gemv_kernel`` with each decoded weight reused BM times.
+
+    At small M a tl.dot tile spends more on dequantizing and feeding the tensor cores than the
+    few rows of x give back; here the weight words are streamed and decoded once, as in the GEMV,
+    and each code takes BM fused multiply-adds on the CUDA cores (bandwidth-bound up to M ~ 4).
+    """
+    CPW: tl.constexpr = 8 if FMT == 0 else 4
+    BKW: tl.constexpr = NG * WPG
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_m = tl.arange(0, BM)
+    mmask = offs_m < M
+    offs_j = tl.arange(0, NG)
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * WORDS + tl.arange(0, BKW)[None, :]
+    x_offs = (tl.arange(0, BKW // 4)[:, None, None] * (4 * CPW)
+              + tl.arange(0, 4)[None, :, None] * CPW + tl.arange(0, CPW)[None, None, :])
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None, None, None] * stride_xm + x_offs[None, :, :, :]
+    s_ptrs = s_ptr + offs_n[:, None] * stride_s
+    z_ptrs = z_ptr + offs_n[:, None] * stride_s
+    acc = tl.zeros((BM, BN, NG), tl.float32)
+    it0 = pid_k * ITERS
+    for step in tl.range(0, ITERS, num_stages=STAGES):
+        it = it0 + step
+        words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None], other=0)
+        k0 = it * BKW * CPW
+        grp = (k0 + offs_j * (WPG * CPW)) // g
+        s = tl.load(s_ptrs + grp[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        xs = _positions(tl.load(x_ptrs + k0, mask=mmask[:, None, None, None], other=0.0)
+                        .to(tl.float32), CPW)
+        codes = _decode(words, FMT, ASM)
+        t = tl.zeros((BM, BN, BKW), tl.float32)
+        xsum = tl.zeros((BM, BKW), tl.float32)
+        for i in tl.static_range(CPW):
+            xi = tl.reshape(xs[i], (BM, BKW))
+            t += codes[i][None, :, :] * xi[:, None, :]
+            if FMT == 0:
+                xsum += xi
+        part = tl.sum(tl.reshape(t, (BM, BN, NG, WPG)), axis=3)
+        if FMT == 0:
+            z = tl.load(z_ptrs + grp[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            xsum_g = tl.sum(tl.reshape(xsum, (BM, NG, WPG)), axis=2)
+            part -= (z + INT4_OFFSET)[None, :, :] * xsum_g[:, None, :]
+        acc += part * s[None, :, :]
+    y = tl.sum(acc, axis=2)
+    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    if PARTIAL:
+        tl.store(out_ptr + pid_k * M * N + out_offs, y, mask=omask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
 class GemvCfg(NamedTuple):
-    """Rows per program, words per row per loop step, warps, pipeline stages, K split."""
+    """Rows per program, words per row per loop step, warps, pipeline stages, K split, and the
+    rows of x one program multiplies (bm > 1 runs ``_gemv_rows_kernel``)."""
 
     bn: int
     bkw: int
     warps: int
     stages: int
     split: int = 1
+    bm: int = 1
 
 
 # One warp reads 128 words (512 bytes) of a row per step; its bn rows per thread share the
@@ -454,13 +520,30 @@ _GEMV_TILES = (
 )
 
 
+# Several rows of x (2 <= M <= 16): each thread keeps BM x 32 activations and BM x BN x 4 word
+# sums, so wider M takes fewer weight rows per program. The tuner weighs these against tl.dot.
+_GEMV_ROWS_TILES = {
+    2: (GemvCfg(8, 128, 1, 3, bm=2), GemvCfg(4, 128, 1, 3, bm=2), GemvCfg(8, 256, 2, 3, bm=2),
+        GemvCfg(16, 128, 1, 2, bm=2)),
+    4: (GemvCfg(4, 128, 1, 3, bm=4), GemvCfg(8, 128, 1, 3, bm=4), GemvCfg(4, 256, 2, 3, bm=4),
+        GemvCfg(2, 128, 1, 3, bm=4)),
+    8: (GemvCfg(2, 128, 1, 3, bm=8), GemvCfg(4, 128, 1, 3, bm=8), GemvCfg(4, 256, 2, 2, bm=8),
+        GemvCfg(8, 128, 1, 2, bm=8)),
+    16: (GemvCfg(2, 128, 1, 3, bm=16), GemvCfg(4, 128, 1, 2, bm=16)),
+}
+
+
 def _gemv_k_block(cfg: GemvCfg, k: int, g: int, cpw: int) -> int:
     return fit_k_block(cfg.bkw * cpw, k, g, cpw)
 
 
 def _gemv_candidates(x: torch.Tensor, n: int, k: int, g: int, cpw: int) -> list[GemvCfg]:
+    """The M == 1 tiles, or those of x's M bucket (none above 16), each with its K splits."""
+    m = x.shape[0]
+    if m > 1 and m_bucket(m) not in _GEMV_ROWS_TILES:
+        return []
     cands = []
-    for cfg in _GEMV_TILES:
+    for cfg in _GEMV_TILES if m == 1 else _GEMV_ROWS_TILES[m_bucket(m)]:
         iters = k // _gemv_k_block(cfg, k, g, cpw)
         programs = triton.cdiv(n, cfg.bn) * cfg.warps
         cands += [cfg._replace(split=s) for s in split_options(programs, iters, 8 * num_sms(x))]
@@ -469,20 +552,27 @@ def _gemv_candidates(x: torch.Tensor, n: int, k: int, g: int, cpw: int) -> list[
 
 def _gemv_launch(cfg: GemvCfg, compile_only: bool, x, words, scale, zero, bias, out, fmt: int,
                  g: int) -> None:
-    n, k = out.shape[1], x.shape[1]
+    (m, k), n = x.shape, out.shape[1]
     cpw = _CODES_PER_WORD[fmt]
     kb = _gemv_k_block(cfg, k, g, cpw)
     gk = min(g, kb)
     dest = out if cfg.split == 1 else torch.empty(
-        (cfg.split, 1, n), device=out.device, dtype=torch.float32)
-    launch_kernel(
-        _gemv_kernel, (triton.cdiv(n, cfg.bn), cfg.split), compile_only,
-        x, words, scale, zero, bias if bias is not None else out, dest,
-        n, g, words.stride(0), k // kb // cfg.split, scale.stride(0),
-        FMT=fmt, BN=cfg.bn, NG=kb // gk, WPG=gk // cpw,
-        HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1, STAGES=cfg.stages,
-        ASM=x.device.type == "cuda", num_warps=cfg.warps,
-    )
+        (cfg.split, m, n), device=out.device, dtype=torch.float32)
+    common = (x, words, scale, zero, bias if bias is not None else out, dest)
+    meta = dict(FMT=fmt, BN=cfg.bn, NG=kb // gk, WPG=gk // cpw, HAS_BIAS=bias is not None,
+                PARTIAL=cfg.split > 1, STAGES=cfg.stages, ASM=x.device.type == "cuda",
+                num_warps=cfg.warps)
+    grid = (triton.cdiv(n, cfg.bn), cfg.split)
+    iters = k // kb // cfg.split
+    if cfg.bm == 1:
+        assert m == 1, m
+        launch_kernel(_gemv_kernel, grid, compile_only, *common,
+                      n, g, words.stride(0), iters, scale.stride(0), **meta)
+    else:
+        assert m <= cfg.bm, (m, cfg.bm)
+        launch_kernel(_gemv_rows_kernel, grid, compile_only, *common,
+                      m, n, g, words.stride(0), iters, scale.stride(0), x.stride(0),
+                      BM=cfg.bm, **meta)
     if cfg.split > 1 and not compile_only:
         splitk_reduce(dest, bias, out)
 
@@ -680,12 +770,15 @@ def _weight_only_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     else:
         key = ("gemm", fmt, x.dtype, m_bucket(m), n, k, g)
         cands: list = gemm_candidates(_GEMM_TILES, x, n, k, g, 32)
+        cands += _gemv_candidates(x, n, k, g, cpw)
         if m > _SPLIT_MAX_M:
             cands.append(DEQUANT_THEN_DENSE)
 
         def launch(c, compile_only):
             if c is DEQUANT_THEN_DENSE:
                 _dequant_then_dense(compile_only, x, words, scale, zero, bias, out, fmt)
+            elif isinstance(c, GemvCfg):
+                _gemv_launch(c, compile_only, x, words, scale, zero, bias, out, fmt, g)
             else:
                 _gemm_launch(c, compile_only, x, words, scale, zero, bias, out, fmt, g)
 
