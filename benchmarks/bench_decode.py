@@ -234,7 +234,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=256)
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help="lowbit configs (the bf16 baseline always runs)")
     p.add_argument("--torchao", default=",".join(CONFIGS), help="'' to skip torchao")
     p.add_argument("--out", default="decode")
     p.add_argument("--profile", action="store_true", help="kernel tables and GPU busy time")
@@ -266,7 +267,7 @@ def main() -> None:
         base_logits = base(check_prompt).float()
     ao = torchao_configs()
     plan = [("bf16", None, False)]
-    plan += [(n, n, False) for n in args.configs.split(",") if n]
+    plan += [(n, n, False) for n in args.configs.split(",") if n and n != "bf16"]  # bf16: above
     plan += [(f"torchao:{n}", n, True) for n in args.torchao.split(",")
              if n and n.removesuffix("+static") in ao]
     rows = []

@@ -202,7 +202,7 @@ def test_swapped_gemm_tiles(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
-@pytest.mark.parametrize("m", [2, 3, 8, 13])
+@pytest.mark.parametrize("m", [2, 3, 4])
 def test_every_multi_row_gemv_tile(fmt, m):
     """Every multi-row GEMV candidate of M's bucket (the tuner weighs them against tl.dot on the
     GPU): N = 40 leaves partial row blocks, M below the bucket masks rows of x, and the K splits
@@ -345,7 +345,7 @@ def test_every_swapped_gemm_tile(m, fmt):
 
 @pytest.mark.cuda
 @needs_gpu
-@pytest.mark.parametrize("m", [2, 5, 8, 16])
+@pytest.mark.parametrize("m", [2, 3, 4])
 @pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
 def test_every_multi_row_gemv_tile_full_size(m, fmt):
     """Every multi-row GEMV candidate of M's bucket, compiled, on a full-size layer."""

@@ -440,7 +440,7 @@ def _gemv_rows_kernel(
 
     At small M a tl.dot tile spends more on dequantizing and feeding the tensor cores than the
     few rows of x give back; here the weight words are streamed and decoded once, as in the GEMV,
-    and each code takes BM fused multiply-adds on the CUDA cores (bandwidth-bound up to M ~ 4).
+    and each code takes BM fused multiply-adds on the CUDA cores.
     """
     CPW: tl.constexpr = 8 if FMT == 0 else 4
     BKW: tl.constexpr = NG * WPG
@@ -520,16 +520,15 @@ _GEMV_TILES = (
 )
 
 
-# Several rows of x (2 <= M <= 16): each thread keeps BM x 32 activations and BM x BN x 4 word
-# sums, so wider M takes fewer weight rows per program. The tuner weighs these against tl.dot.
+# Several rows of x (2 <= M <= 4): each thread keeps BM x 32 activations and BM x BN x 4 word
+# sums. The tuner weighs these against tl.dot; on the H200 they win for int8 and fp8 at M = 2
+# (10-25% faster) and on the small 4096x1024 layer at M = 4, never for int4 beyond M = 1, and
+# never at M = 8 or 16 (results/ops_small_m_rows.json), so larger buckets have none.
 _GEMV_ROWS_TILES = {
     2: (GemvCfg(8, 128, 1, 3, bm=2), GemvCfg(4, 128, 1, 3, bm=2), GemvCfg(8, 256, 2, 3, bm=2),
         GemvCfg(16, 128, 1, 2, bm=2)),
     4: (GemvCfg(4, 128, 1, 3, bm=4), GemvCfg(8, 128, 1, 3, bm=4), GemvCfg(4, 256, 2, 3, bm=4),
         GemvCfg(2, 128, 1, 3, bm=4)),
-    8: (GemvCfg(2, 128, 1, 3, bm=8), GemvCfg(4, 128, 1, 3, bm=8), GemvCfg(4, 256, 2, 2, bm=8),
-        GemvCfg(8, 128, 1, 2, bm=8)),
-    16: (GemvCfg(2, 128, 1, 3, bm=16), GemvCfg(4, 128, 1, 2, bm=16)),
 }
 
 
@@ -538,7 +537,7 @@ def _gemv_k_block(cfg: GemvCfg, k: int, g: int, cpw: int) -> int:
 
 
 def _gemv_candidates(x: torch.Tensor, n: int, k: int, g: int, cpw: int) -> list[GemvCfg]:
-    """The M == 1 tiles, or those of x's M bucket (none above 16), each with its K splits."""
+    """The M == 1 tiles, or those of x's M bucket (none above 4), each with its K splits."""
     m = x.shape[0]
     if m > 1 and m_bucket(m) not in _GEMV_ROWS_TILES:
         return []
