@@ -136,6 +136,7 @@ SMALL = [  # (M, K, N, g, dtype, bias)
     (3, 128, 16, 64, torch.bfloat16, False),
     (17, 256, 48, 32, torch.float32, True),
     (33, 64, 16, 64, torch.bfloat16, True),
+    (5, 128, 24, 32, torch.float16, True),  # fp16 scales read as int32 pairs
 ]
 
 

@@ -337,6 +337,36 @@ def _positions(x, CPW: tl.constexpr):
 
 
 @triton.jit
+def _load_params(row_ptrs, grp, mask, PAIRS: tl.constexpr):
+    """fp32 per-group parameters (scales or zeros) of groups grp [NG] for rows row_ptrs [BN, 1].
+
+    PAIRS = 0 reads them as stored. 2-byte floats are read as the 32-bit words holding two of
+    them (PAIRS = 1: bf16, 2: fp16): Triton's pipeliner prefetches (cp.async) only loads of at
+    least 4 bytes a thread, and a 2-byte load per row would make every loop step wait a full
+    memory latency for its scales.
+    """
+    if PAIRS == 0:
+        vals = tl.load(row_ptrs + grp[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        word = tl.load(row_ptrs + (grp // 2)[None, :], mask=mask, other=0)
+        bits = (word >> ((grp % 2) * 16)[None, :]) & 0xFFFF
+        if PAIRS == 1:
+            vals = (bits << 16).to(tl.float32, bitcast=True)
+        else:
+            vals = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return vals
+
+
+def param_words(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(scale, zero, PAIRS) as the kernels read them: 2-byte floats as int32 pairs when each row
+    holds an even number of groups (see _load_params), else unchanged."""
+    if scale.element_size() == 2 and scale.shape[1] % 2 == 0 and zero.dtype == scale.dtype:
+        pairs = 1 if scale.dtype == torch.bfloat16 else 2
+        return scale.view(torch.int32), zero.view(torch.int32), pairs
+    return scale, zero, 0
+
+
+@triton.jit
 def _dequant_tile(words, s, zs, FMT: tl.constexpr, ASM: tl.constexpr, DTYPE: tl.constexpr):
     """[BN, NG, WPG] packed words and [BN, NG] group scales -> [BN, K block] weights in k order.
 
@@ -374,6 +404,7 @@ def _gemv_kernel(
     N, g, WORDS, ITERS, stride_s,
     FMT: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """y[n] = sum_k x[k] w[n, k] for BN rows over ITERS blocks of NG groups x WPG words.
 
@@ -403,7 +434,7 @@ def _gemv_kernel(
         words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None], other=0)
         k0 = it * BKW * CPW
         grp = (k0 + offs_j * (WPG * CPW)) // g
-        s = tl.load(s_ptrs + grp[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        s = _load_params(s_ptrs, grp, nmask[:, None], PAIRS)
         xs = _positions(tl.load(x_ptr + k0 + x_offs).to(tl.float32), CPW)
         codes = _decode(words, FMT, ASM)
         t = tl.zeros((BN, BKW), tl.float32)
@@ -415,7 +446,7 @@ def _gemv_kernel(
                 xsum += xi
         part = tl.sum(tl.reshape(t, (BN, NG, WPG)), axis=2)
         if FMT == 0:
-            z = tl.load(z_ptrs + grp[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            z = _load_params(z_ptrs, grp, nmask[:, None], PAIRS)
             xsum_g = tl.sum(tl.reshape(xsum, (NG, WPG)), axis=1)
             part -= (z + INT4_OFFSET) * xsum_g[None, :]
         acc += part * s
@@ -434,7 +465,7 @@ def _gemv_rows_kernel(
     M, N, g, WORDS, ITERS, stride_s, stride_xm,
     FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
     WPG: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """out[m, n] for up to BM rows of x: ``_gemv_kernel`` with each decoded weight reused BM times.
 
@@ -464,7 +495,7 @@ def _gemv_rows_kernel(
         words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None], other=0)
         k0 = it * BKW * CPW
         grp = (k0 + offs_j * (WPG * CPW)) // g
-        s = tl.load(s_ptrs + grp[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        s = _load_params(s_ptrs, grp, nmask[:, None], PAIRS)
         xs = _positions(tl.load(x_ptrs + k0, mask=mmask[:, None, None, None], other=0.0)
                         .to(tl.float32), CPW)
         codes = _decode(words, FMT, ASM)
@@ -477,7 +508,7 @@ def _gemv_rows_kernel(
                 xsum += xi
         part = tl.sum(tl.reshape(t, (BM, BN, NG, WPG)), axis=3)
         if FMT == 0:
-            z = tl.load(z_ptrs + grp[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+            z = _load_params(z_ptrs, grp, nmask[:, None], PAIRS)
             xsum_g = tl.sum(tl.reshape(xsum, (BM, NG, WPG)), axis=2)
             part -= (z + INT4_OFFSET)[None, :, :] * xsum_g[:, None, :]
         acc += part * s[None, :, :]
@@ -557,10 +588,11 @@ def _gemv_launch(cfg: GemvCfg, compile_only: bool, x, words, scale, zero, bias, 
     gk = min(g, kb)
     dest = out if cfg.split == 1 else torch.empty(
         (cfg.split, m, n), device=out.device, dtype=torch.float32)
+    scale, zero, pairs = param_words(scale, zero)
     common = (x, words, scale, zero, bias if bias is not None else out, dest)
     meta = dict(FMT=fmt, BN=cfg.bn, NG=kb // gk, WPG=gk // cpw, HAS_BIAS=bias is not None,
                 PARTIAL=cfg.split > 1, STAGES=cfg.stages, ASM=x.device.type == "cuda",
-                num_warps=cfg.warps)
+                PAIRS=pairs, num_warps=cfg.warps)
     grid = (triton.cdiv(n, cfg.bn), cfg.split)
     iters = k // kb // cfg.split
     if cfg.bm == 1:
@@ -595,7 +627,7 @@ def _gemm_kernel(
     M, N, g, WORDS, ITERS, stride_xm, stride_s,
     FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
     WPG: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-    DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr,
+    DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] w[n, k]: weight tiles dequantized in registers, then tl.dot.
 
@@ -640,10 +672,9 @@ def _gemm_kernel(
         xt = tl.load(x_ptrs + it * BK, mask=mmask[:, None], other=0.0)
         words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None, None], other=0)
         grp = (it * BK + offs_j * (WPG * CPW)) // g
-        s = tl.load(s_ptrs + grp[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        s = _load_params(s_ptrs, grp, nmask[:, None], PAIRS)
         if FMT == 0:
-            z = tl.load(z_ptrs + grp[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            zs = (z + INT4_OFFSET) * s
+            zs = (_load_params(z_ptrs, grp, nmask[:, None], PAIRS) + INT4_OFFSET) * s
         else:
             zs = s
         wt = _dequant_tile(words, s, zs, FMT, ASM, DTYPE)
@@ -724,6 +755,7 @@ def _gemm_launch(cfg: GemmCfg, compile_only: bool, x, words, scale, zero, bias, 
     dest = out if cfg.split == 1 else torch.empty(
         (cfg.split, m, n), device=out.device, dtype=torch.float32)
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split)
+    scale, zero, pairs = param_words(scale, zero)
     launch_kernel(
         _gemm_kernel, grid, compile_only,
         x, words, scale, zero, bias if bias is not None else out, dest,
@@ -731,7 +763,7 @@ def _gemm_launch(cfg: GemmCfg, compile_only: bool, x, words, scale, zero, bias, 
         FMT=fmt, BM=cfg.bm, BN=cfg.bn, NG=cfg.bk // gk, WPG=gk // cpw, GROUP_M=8,
         HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1,
         DOT_F32=x.dtype == torch.float32 or x.device.type != "cuda", ASM=x.device.type == "cuda",
-        SWAP=cfg.swap, num_warps=cfg.warps, num_stages=cfg.stages,
+        SWAP=cfg.swap, PAIRS=pairs, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if cfg.split > 1 and not compile_only:
         splitk_reduce(dest, bias, out)
