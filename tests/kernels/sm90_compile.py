@@ -1,15 +1,16 @@
-"""Compile the weight-only Triton kernels for Hopper (sm_90) on a machine without a GPU.
+"""Compile the quantized-linear Triton kernels for Hopper (sm_90) on a machine without a GPU.
 
 Run by test_sm90_compile.py in a subprocess, because the kernel tests import the kernels under
-TRITON_INTERPRET=1, which turns them into interpreted functions that cannot be compiled. The
-interpreter runs what the compiler would reject (one such bug reached the GPU machine), so
-this is the CPU check that every variant builds, with:
+TRITON_INTERPRET=1, which turns them into interpreted functions. The interpreter runs code the
+compiler rejects (one such bug reached the GPU machine), so this runs the public ops on CPU
+tensors with a stand-in driver that reports an sm_90 GPU, and every launch only compiles, with
+the arguments (and so the specializations) a real call would have. Each launch of each tuner
+candidate kind is covered: the first GEMV, multi-row GEMV, GEMM (swapped or not, split or not)
+and decode-then-dense candidate of every M bucket. Per compiled kernel it prints a JSON line:
 
-* ``sync_loads``: plain (not prefetched) global loads left inside the main K loop, read from
-  the TritonGPU IR after pipelining: each one stalls every loop step on memory latency;
+* ``sync_loads``: plain (not prefetched) global loads left inside the kernel's K loop, read
+  from the TritonGPU IR after pipelining: each one stalls every loop step on memory latency;
 * ``local_bytes``: per-thread local memory in the cubin (register spills).
-
-Prints one JSON object per kernel variant.
 """
 
 from __future__ import annotations
@@ -18,50 +19,40 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+os.environ.pop("TRITON_INTERPRET", None)
 
-from lowbit.kernels.triton import weight_only as wo
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
-HOPPER = GPUTarget("cuda", 90, 32)
-# Launches see these arguments divisible by 16 on Llama-sized layers (Triton specializes them),
-# which decides the vector width of every load: compile with the same knowledge.
-ALIGNED = {"x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr", "N", "g", "WORDS",
-           "stride_xm", "stride_s"}
-POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i32", "b_ptr": "*bf16", "out_ptr": "*bf16"}
-# (scale pointer type, PAIRS): fp32 scales, bf16 read as is, bf16 and fp16 read as int32 pairs
-SCALE_KINDS = (("*fp32", 0), ("*bf16", 0), ("*i32", 1), ("*i32", 2))
+from lowbit.kernels.triton import dynamic  # noqa: E402
+from lowbit.kernels.triton import weight_only as wo  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def _variants():
-    """(name, kernel, runtime argument types, constexprs, warps, stages) of each variant."""
-    for fmt in (wo.INT4, wo.INT8, wo.FP8):
-        wpg = 128 // wo._CODES_PER_WORD[fmt]  # group of 128
-        for s_type, pairs in SCALE_KINDS:
-            args = {**POINTERS, "s_ptr": s_type, "z_ptr": s_type}
-            common = {"FMT": fmt, "HAS_BIAS": True, "PARTIAL": False, "ASM": True, "PAIRS": pairs}
-            tag = f"fmt{fmt}-{s_type[1:]}-pairs{pairs}"
-            yield (f"gemv-{tag}", wo._gemv_kernel,
-                   {**args, "N": "i32", "g": "i32", "WORDS": "i32", "ITERS": "i32",
-                    "stride_s": "i32"},
-                   {**common, "BN": 8, "NG": 2, "WPG": wpg, "STAGES": 2}, 4, 2)
-            yield (f"rows-{tag}", wo._gemv_rows_kernel,
-                   {**args, "M": "i32", "N": "i32", "g": "i32", "WORDS": "i32", "ITERS": "i32",
-                    "stride_s": "i32", "stride_xm": "i32"},
-                   {**common, "BM": 2, "BN": 8, "NG": 1, "WPG": wpg, "STAGES": 3}, 1, 3)
-            yield (f"gemm-{tag}", wo._gemm_kernel,
-                   {**args, "M": "i32", "N": "i32", "g": "i32", "WORDS": "i32", "ITERS": "i32",
-                    "stride_xm": "i32", "stride_s": "i32"},
-                   {**common, "BM": 16, "BN": 64, "NG": 1, "WPG": wpg, "GROUP_M": 8,
-                    "DOT_F32": False, "SWAP": True}, 4, 3)
+class HopperStandIn:
+    """The part of Triton's CUDA driver that compiling needs: an sm_90 target, device 0."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
 
 
 def _sync_loads_in_loop(ttgir: str) -> int:
-    """Synchronous tt.load ops inside the kernel's (single) scf.for body."""
+    """Synchronous tt.load ops inside the kernel's first scf.for body."""
     start = ttgir.find("scf.for")
     if start < 0:
         return 0
@@ -75,33 +66,115 @@ def _sync_loads_in_loop(ttgir: str) -> int:
 
 
 def _local_bytes(cubin: bytes) -> int:
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
     return int(re.search(r"LOCAL:(\d+)", usage).group(1))
 
 
-def check(name, kernel, args, constexprs, warps, stages) -> dict:
-    signature = {**args, **{k: "constexpr" for k in constexprs}}
-    names = list(signature)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED if a in signature}
-    try:
-        compiled = triton.compile(
-            ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-            target=HOPPER, options={"num_warps": warps, "num_stages": stages})
-    except Exception as e:  # reported, and failed by the test
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        return {"name": name, "ok": False, "error": " | ".join(lines[-4:])[:400]}
-    return {"name": name, "ok": True, "pairs": constexprs["PAIRS"],
-            "sync_loads": _sync_loads_in_loop(compiled.asm["ttgir"]),
-            "local_bytes": _local_bytes(compiled.asm["cubin"])}
+class Recorder:
+    """Makes every kernel launch compile only, and reports each new compiled kernel once."""
+
+    def __init__(self) -> None:
+        self.case = ""
+        self.seen: set[tuple[str, str]] = set()
+
+    def run(self, original, fn, *args, grid, warmup, **kwargs):
+        try:
+            kernel = original(fn, *args, grid=grid, warmup=True, **kwargs)
+        except Exception as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            self._emit({"kernel": fn.__name__, "case": self.case, "ok": False,
+                        "error": " | ".join(lines[-4:])[:400]})
+            raise
+        key = (fn.__name__, kernel.hash)
+        if key not in self.seen:
+            self.seen.add(key)
+            self._emit({"kernel": fn.__name__, "case": self.case, "ok": True,
+                        "sync_loads": _sync_loads_in_loop(kernel.asm["ttgir"]),
+                        "local_bytes": _local_bytes(kernel.asm["cubin"])})
+        return kernel
+
+    @staticmethod
+    def _emit(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+
+
+WITH_SPLITS = [True]  # K-split variants differ only in their store: compiled for one case
+
+
+def _first_of_each_kind(candidates) -> list:
+    """One candidate per kernel variant the tuner could pick."""
+    kinds = {}
+    for c in candidates:
+        if not WITH_SPLITS[0] and getattr(c, "split", 1) > 1:
+            continue
+        if isinstance(c, wo.GemvCfg):
+            kind = ("gemv", c.bm > 1, c.split > 1)
+        elif isinstance(c, wo.GemmCfg):
+            kind = ("gemm", c.swap, c.split > 1)
+        else:
+            kind = c
+        kinds.setdefault(kind, c)
+    return list(kinds.values())
+
+
+def _launch_every_kind(self, key, candidates, launch, device) -> None:
+    for cand in _first_of_each_kind(candidates):
+        launch(cand, False)
+
+
+def _weights(fmt: str, n: int, k: int, groups: int, sdtype: torch.dtype):
+    scale = torch.rand(n, groups).to(sdtype)
+    if fmt == "int4":
+        q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+        return q, scale, torch.rand(n, groups).to(sdtype)
+    if fmt == "int8":
+        return torch.randint(-128, 128, (n, k), dtype=torch.int8), scale, None
+    return torch.randn(n, k).to(torch.float8_e4m3fn), scale, None
+
+
+# (format, K, scale groups per row, scale dtype): bf16 and fp16 scales read in pairs, fp32
+# scales, and an odd number of 2-byte groups per row (read one by one).
+WEIGHT_ONLY_CASES = [
+    ("int4", 4096, 32, torch.bfloat16), ("int4", 4096, 32, torch.float16),
+    ("int4", 4096, 32, torch.float32), ("int4", 384, 3, torch.bfloat16),
+    ("int8", 4096, 32, torch.bfloat16), ("int8", 4096, 1, torch.bfloat16),
+    ("fp8", 4096, 1, torch.float32),
+]
+# M buckets 1, 2 (multi-row GEMV, small-M GEMM tiles), 4, 64 and 128 (decode-then-dense).
+# Every case runs the first two; the first case all of them, with K splits.
+MS, MS_FIRST = (1, 2), (1, 2, 3, 33, 100)
+
+
+def main() -> None:
+    driver.set_active(HopperStandIn())
+    recorder = Recorder()
+    original = JITFunction.run
+    JITFunction.run = lambda fn, *a, grid, warmup, **kw: recorder.run(
+        original, fn, *a, grid=grid, warmup=warmup, **kw)
+    wo.Tuner.run = _launch_every_kind
+    ops = {"int4": wo.int4_weight_only_mm, "int8": wo.int8_weight_only_mm,
+           "fp8": wo.fp8_weight_only_mm}
+    n = 256
+    for i, (fmt, k, groups, sdtype) in enumerate(WEIGHT_ONLY_CASES):
+        q, scale, zero = _weights(fmt, n, k, groups, sdtype)
+        WITH_SPLITS[0] = i == 0
+        for m in MS_FIRST if i == 0 else MS:
+            recorder.case = f"{fmt} K={k} groups={groups} {str(sdtype)[6:]} M={m}"
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            args = (x, q, scale) if zero is None else (x, q, scale, zero)
+            ops[fmt](*args, bias=torch.randn(n, dtype=torch.bfloat16))
+    for m in (1, 16, 100):
+        recorder.case = f"int8 dynamic M={m}"
+        x = torch.randn(m, 4096, dtype=torch.bfloat16)
+        q = torch.randint(-127, 128, (n, 4096), dtype=torch.int8)
+        dynamic.int8_dynamic_mm(x, q, torch.rand(n, 1), None)
+        recorder.case = f"fp8 row quantize M={m}"
+        dynamic.quantize_fp8_rows(x, per_row=True)
 
 
 if __name__ == "__main__":
-    for variant in _variants():
-        print(json.dumps(check(*variant)), flush=True)
-    sys.exit(0)
+    main()

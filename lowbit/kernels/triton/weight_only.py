@@ -357,6 +357,17 @@ def _load_params(row_ptrs, grp, mask, PAIRS: tl.constexpr):
     return vals
 
 
+@triton.jit
+def _group_params(s_ptrs, z_ptrs, grp, mask, PAIRS: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """(scales, zeros) of groups grp as fp32 (zeros = scales when there are none)."""
+    s = _load_params(s_ptrs, grp, mask, PAIRS)
+    if HAS_ZERO:
+        z = _load_params(z_ptrs, grp, mask, PAIRS)
+    else:
+        z = s
+    return s, z
+
+
 def param_words(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(scale, zero, PAIRS) as the kernels read them: 2-byte floats as int32 pairs when each row
     holds an even number of groups (see _load_params), else unchanged."""
@@ -404,7 +415,7 @@ def _gemv_kernel(
     N, g, WORDS, ITERS, stride_s,
     FMT: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-    PAIRS: tl.constexpr,
+    PAIRS: tl.constexpr, ONE_GROUP: tl.constexpr,
 ):
     """y[n] = sum_k x[k] w[n, k] for BN rows over ITERS blocks of NG groups x WPG words.
 
@@ -428,13 +439,18 @@ def _gemv_kernel(
     s_ptrs = s_ptr + offs_n[:, None] * stride_s
     z_ptrs = z_ptr + offs_n[:, None] * stride_s
     acc = tl.zeros((BN, NG), tl.float32)
+    if ONE_GROUP:  # one scale (and zero) per row: read once, not every step
+        s_row, z_row = _group_params(s_ptrs, z_ptrs, offs_j * 0, nmask[:, None], PAIRS, FMT == 0)
     it0 = pid_k * ITERS
     for step in tl.range(0, ITERS, num_stages=STAGES):
         it = it0 + step
         words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None], other=0)
         k0 = it * BKW * CPW
-        grp = (k0 + offs_j * (WPG * CPW)) // g
-        s = _load_params(s_ptrs, grp, nmask[:, None], PAIRS)
+        if ONE_GROUP:
+            s, z = s_row, z_row
+        else:
+            grp = (k0 + offs_j * (WPG * CPW)) // g
+            s, z = _group_params(s_ptrs, z_ptrs, grp, nmask[:, None], PAIRS, FMT == 0)
         xs = _positions(tl.load(x_ptr + k0 + x_offs).to(tl.float32), CPW)
         codes = _decode(words, FMT, ASM)
         t = tl.zeros((BN, BKW), tl.float32)
@@ -446,7 +462,6 @@ def _gemv_kernel(
                 xsum += xi
         part = tl.sum(tl.reshape(t, (BN, NG, WPG)), axis=2)
         if FMT == 0:
-            z = _load_params(z_ptrs, grp, nmask[:, None], PAIRS)
             xsum_g = tl.sum(tl.reshape(xsum, (NG, WPG)), axis=1)
             part -= (z + INT4_OFFSET) * xsum_g[None, :]
         acc += part * s
@@ -465,7 +480,7 @@ def _gemv_rows_kernel(
     M, N, g, WORDS, ITERS, stride_s, stride_xm,
     FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
     WPG: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
-    ASM: tl.constexpr, PAIRS: tl.constexpr,
+    ASM: tl.constexpr, PAIRS: tl.constexpr, ONE_GROUP: tl.constexpr,
 ):
     """out[m, n] for up to BM rows of x: ``_gemv_kernel`` with each decoded weight reused BM times.
 
@@ -489,13 +504,18 @@ def _gemv_rows_kernel(
     s_ptrs = s_ptr + offs_n[:, None] * stride_s
     z_ptrs = z_ptr + offs_n[:, None] * stride_s
     acc = tl.zeros((BM, BN, NG), tl.float32)
+    if ONE_GROUP:  # one scale (and zero) per row: read once, not every step
+        s_row, z_row = _group_params(s_ptrs, z_ptrs, offs_j * 0, nmask[:, None], PAIRS, FMT == 0)
     it0 = pid_k * ITERS
     for step in tl.range(0, ITERS, num_stages=STAGES):
         it = it0 + step
         words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None], other=0)
         k0 = it * BKW * CPW
-        grp = (k0 + offs_j * (WPG * CPW)) // g
-        s = _load_params(s_ptrs, grp, nmask[:, None], PAIRS)
+        if ONE_GROUP:
+            s, z = s_row, z_row
+        else:
+            grp = (k0 + offs_j * (WPG * CPW)) // g
+            s, z = _group_params(s_ptrs, z_ptrs, grp, nmask[:, None], PAIRS, FMT == 0)
         xs = _positions(tl.load(x_ptrs + k0, mask=mmask[:, None, None, None], other=0.0)
                         .to(tl.float32), CPW)
         codes = _decode(words, FMT, ASM)
@@ -508,7 +528,6 @@ def _gemv_rows_kernel(
                 xsum += xi
         part = tl.sum(tl.reshape(t, (BM, BN, NG, WPG)), axis=3)
         if FMT == 0:
-            z = _load_params(z_ptrs, grp, nmask[:, None], PAIRS)
             xsum_g = tl.sum(tl.reshape(xsum, (BM, NG, WPG)), axis=2)
             part -= (z + INT4_OFFSET)[None, :, :] * xsum_g[:, None, :]
         acc += part * s[None, :, :]
@@ -588,11 +607,12 @@ def _gemv_launch(cfg: GemvCfg, compile_only: bool, x, words, scale, zero, bias, 
     gk = min(g, kb)
     dest = out if cfg.split == 1 else torch.empty(
         (cfg.split, m, n), device=out.device, dtype=torch.float32)
+    one_group = scale.shape[1] == 1
     scale, zero, pairs = param_words(scale, zero)
     common = (x, words, scale, zero, bias if bias is not None else out, dest)
     meta = dict(FMT=fmt, BN=cfg.bn, NG=kb // gk, WPG=gk // cpw, HAS_BIAS=bias is not None,
                 PARTIAL=cfg.split > 1, STAGES=cfg.stages, ASM=x.device.type == "cuda",
-                PAIRS=pairs, num_warps=cfg.warps)
+                PAIRS=pairs, ONE_GROUP=one_group, num_warps=cfg.warps)
     grid = (triton.cdiv(n, cfg.bn), cfg.split)
     iters = k // kb // cfg.split
     if cfg.bm == 1:
@@ -628,6 +648,7 @@ def _gemm_kernel(
     FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
     WPG: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, PAIRS: tl.constexpr,
+    ONE_GROUP: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] w[n, k]: weight tiles dequantized in registers, then tl.dot.
 
@@ -666,18 +687,19 @@ def _gemm_kernel(
         acc = tl.zeros((BN, BM), tl.float32)
     else:
         acc = tl.zeros((BM, BN), tl.float32)
+    if ONE_GROUP:  # one scale (and zero) per row: read once, not every step
+        s_row, z_row = _group_params(s_ptrs, z_ptrs, offs_j * 0, nmask[:, None], PAIRS, FMT == 0)
     it0 = pid_k * ITERS
     for step in range(ITERS):
         it = it0 + step
         xt = tl.load(x_ptrs + it * BK, mask=mmask[:, None], other=0.0)
         words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None, None], other=0)
-        grp = (it * BK + offs_j * (WPG * CPW)) // g
-        s = _load_params(s_ptrs, grp, nmask[:, None], PAIRS)
-        if FMT == 0:
-            zs = (_load_params(z_ptrs, grp, nmask[:, None], PAIRS) + INT4_OFFSET) * s
+        if ONE_GROUP:
+            s, z = s_row, z_row
         else:
-            zs = s
-        wt = _dequant_tile(words, s, zs, FMT, ASM, DTYPE)
+            grp = (it * BK + offs_j * (WPG * CPW)) // g
+            s, z = _group_params(s_ptrs, z_ptrs, grp, nmask[:, None], PAIRS, FMT == 0)
+        wt = _dequant_tile(words, s, (z + INT4_OFFSET) * s if FMT == 0 else s, FMT, ASM, DTYPE)
         if SWAP:
             acc = _dot(wt, tl.trans(xt), acc, DOT_F32)
         else:
@@ -755,6 +777,7 @@ def _gemm_launch(cfg: GemmCfg, compile_only: bool, x, words, scale, zero, bias, 
     dest = out if cfg.split == 1 else torch.empty(
         (cfg.split, m, n), device=out.device, dtype=torch.float32)
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split)
+    one_group = scale.shape[1] == 1
     scale, zero, pairs = param_words(scale, zero)
     launch_kernel(
         _gemm_kernel, grid, compile_only,
@@ -763,7 +786,8 @@ def _gemm_launch(cfg: GemmCfg, compile_only: bool, x, words, scale, zero, bias, 
         FMT=fmt, BM=cfg.bm, BN=cfg.bn, NG=cfg.bk // gk, WPG=gk // cpw, GROUP_M=8,
         HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1,
         DOT_F32=x.dtype == torch.float32 or x.device.type != "cuda", ASM=x.device.type == "cuda",
-        SWAP=cfg.swap, PAIRS=pairs, num_warps=cfg.warps, num_stages=cfg.stages,
+        SWAP=cfg.swap, PAIRS=pairs, ONE_GROUP=one_group, num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
     if cfg.split > 1 and not compile_only:
         splitk_reduce(dest, bias, out)
