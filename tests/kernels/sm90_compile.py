@@ -1,5 +1,8 @@
 """Compile the quantized-linear Triton kernels for Hopper (sm_90) on a machine without a GPU.
 
+Covers weight-only int4/int8/fp8, 2:4 sparse (bf16, int8, int4 values), MX/NVFP4 weight-only,
+int8 dynamic and the fp8 row quantizer.
+
 Run by test_sm90_compile.py in a subprocess, because the kernel tests import the kernels under
 TRITON_INTERPRET=1, which turns them into interpreted functions. The interpreter runs code the
 compiler rejects (one such bug reached the GPU machine), so this runs the public ops on CPU
@@ -29,7 +32,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from lowbit.kernels.triton import dynamic  # noqa: E402
+from lowbit.formats import mx  # noqa: E402
+from lowbit.kernels.triton import dynamic, mx_weight_only, sparse24  # noqa: E402
 from lowbit.kernels.triton import weight_only as wo  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -82,17 +86,18 @@ class Recorder:
         self.seen: set[tuple[str, str]] = set()
 
     def run(self, original, fn, *args, grid, warmup, **kwargs):
+        name = f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
         try:
             kernel = original(fn, *args, grid=grid, warmup=True, **kwargs)
         except Exception as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            self._emit({"kernel": fn.__name__, "case": self.case, "ok": False,
+            self._emit({"kernel": name, "case": self.case, "ok": False,
                         "error": " | ".join(lines[-4:])[:400]})
             raise
-        key = (fn.__name__, kernel.hash)
+        key = (name, kernel.hash)
         if key not in self.seen:
             self.seen.add(key)
-            self._emit({"kernel": fn.__name__, "case": self.case, "ok": True,
+            self._emit({"kernel": name, "case": self.case, "ok": True,
                         "sync_loads": _sync_loads_in_loop(kernel.asm["ttgir"]),
                         "local_bytes": _local_bytes(kernel.asm["cubin"])})
         return kernel
@@ -109,14 +114,13 @@ def _first_of_each_kind(candidates) -> list:
     """One candidate per kernel variant the tuner could pick."""
     kinds = {}
     for c in candidates:
-        if not WITH_SPLITS[0] and getattr(c, "split", 1) > 1:
+        if isinstance(c, str):  # a whole-op candidate (decode then dense, cuSPARSELt)
+            kinds.setdefault(c, c)
             continue
-        if isinstance(c, wo.GemvCfg):
-            kind = ("gemv", c.bm > 1, c.split > 1)
-        elif isinstance(c, wo.GemmCfg):
-            kind = ("gemm", c.swap, c.split > 1)
-        else:
-            kind = c
+        if not WITH_SPLITS[0] and c.split > 1:
+            continue
+        kind = (type(c).__name__, getattr(c, "kind", None), getattr(c, "swap", None),
+                c.split > 1, isinstance(c, wo.GemvCfg) and c.bm > 1)
         kinds.setdefault(kind, c)
     return list(kinds.values())
 
@@ -167,6 +171,28 @@ def main() -> None:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             args = (x, q, scale) if zero is None else (x, q, scale, zero)
             ops[fmt](*args, bias=torch.randn(n, dtype=torch.bfloat16))
+    WITH_SPLITS[0] = False
+    k = 4096
+    meta = torch.randint(0, 256, (n, k // 8), dtype=torch.uint8)
+    sparse = {0: (torch.randn(n, k // 2, dtype=torch.bfloat16), None, None),
+              8: (torch.randint(-128, 128, (n, k // 2), dtype=torch.int8),
+                  torch.rand(n, 32, dtype=torch.bfloat16), None),
+              4: (torch.randint(0, 256, (n, k // 4), dtype=torch.uint8),
+                  torch.rand(n, 32, dtype=torch.bfloat16), torch.rand(n, 32, dtype=torch.bfloat16))}
+    for bits, (values, scale, zero) in sparse.items():
+        for m in (1, 2, 33):
+            recorder.case = f"2:4 bits={bits} M={m}"
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            sparse24.sparse24_mm(x, values, meta, scale, zero, None, bits)
+    for name, block, nv in (("e2m1", mx.MX_BLOCK, False), ("e2m1", mx.NVFP4_BLOCK, True),
+                            ("e4m3", mx.MX_BLOCK, False), ("e2m3", mx.MX_BLOCK, False)):
+        fmt = mx.ELEM_FORMATS[name]
+        qdata = torch.randint(0, 256, (n, k * fmt.bits // 8), dtype=torch.uint8)
+        scale = torch.randint(100, 140, (n, k // block), dtype=torch.uint8)
+        for m in (1, 2):
+            recorder.case = f"mx {name} block={block} M={m}"
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            mx_weight_only._run(x, qdata, scale, torch.ones(()) if nv else None, None, fmt, block)
     for m in (1, 16, 100):
         recorder.case = f"int8 dynamic M={m}"
         x = torch.randn(m, 4096, dtype=torch.bfloat16)

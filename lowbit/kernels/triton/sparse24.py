@@ -32,10 +32,12 @@ import triton.language as tl
 from .weight_only import (
     Tuner,
     _dot,
+    _load_params,
     fit_k_block,
     launch_kernel,
     m_bucket,
     num_sms,
+    param_words,
     split_options,
     splitk_reduce,
 )
@@ -51,7 +53,8 @@ _FMT_BY_BITS = {0: FLOAT, 8: INT8, 4: INT4}
 
 @triton.jit
 def _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW, stride_s,
-               FMT: tl.constexpr, HAS_ZERO: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr):
+               FMT: tl.constexpr, HAS_ZERO: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr,
+               PAIRS: tl.constexpr):
     """Columns [k0, k0 + BK) of BN rows: the kept values v0, v1 (fp32, dequantized) and their
     positions i0 < i1 in each group of 4, all [BN, BK / 4].
 
@@ -82,12 +85,10 @@ def _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW, str
     if FMT != 0:
         # NG scale groups in the tile (NG = 1 when a group spans several tiles).
         grp = k0 // g + tl.arange(0, NG)
-        s = tl.load(s_ptr + rows64[:, None] * stride_s + grp[None, :], mask=rmask[:, None],
-                    other=0.0).to(tl.float32)
+        s = _load_params(s_ptr + rows64[:, None] * stride_s, grp, rmask[:, None], PAIRS)
         s = tl.reshape(tl.broadcast_to(s[:, :, None], (BN, NG, G // NG)), (BN, G))
         if HAS_ZERO:
-            z = tl.load(z_ptr + rows64[:, None] * stride_s + grp[None, :], mask=rmask[:, None],
-                        other=0.0).to(tl.float32)
+            z = _load_params(z_ptr + rows64[:, None] * stride_s, grp, rmask[:, None], PAIRS)
             z = tl.reshape(tl.broadcast_to(z[:, :, None], (BN, NG, G // NG)), (BN, G))
             v0 = (v0 - z) * s
             v1 = (v1 - z) * s
@@ -131,7 +132,7 @@ def _gemv_kernel(
     M, N, g, VROW, MROW, stride_s, stride_xm, ITERS,
     FMT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """out[m, n] = sum over kept k of x[m, k] w[n, k]; per group only 2 products per row."""
     pid_n = tl.program_id(0)
@@ -147,7 +148,7 @@ def _gemv_kernel(
     for step in tl.range(0, ITERS, num_stages=STAGES):
         k0 = (it0 + step) * BK
         v0, v1, i0, i1 = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
-                                    stride_s, FMT, HAS_ZERO, BK, NG)
+                                    stride_s, FMT, HAS_ZERO, BK, NG, PAIRS)
         x0, x1, x2, x3 = _quads(tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
                                 .to(tl.float32))
         x0, x1, x2, x3 = x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :]
@@ -174,7 +175,7 @@ def _dot_kernel(
     M, N, g, VROW, MROW, stride_s, stride_xm, ITERS,
     FMT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr,
-    STAGES: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr,
+    STAGES: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """The tile expanded to dense [BN, BK] in registers, rounded to x's dtype, then tl.dot.
     DOT_F32 runs the dot on fp32 copies (fp32 x, and the interpreter, whose bf16 dot is wrong);
@@ -197,7 +198,7 @@ def _dot_kernel(
     for step in tl.range(0, ITERS, num_stages=STAGES):
         k0 = (it0 + step) * BK
         v0, v1, i0, i1 = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
-                                    stride_s, FMT, HAS_ZERO, BK, NG)
+                                    stride_s, FMT, HAS_ZERO, BK, NG, PAIRS)
         w = _dense_tile(v0, v1, i0, i1).to(DTYPE)
         xt = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
         if SWAP:
@@ -219,14 +220,14 @@ def _dot_kernel(
 @triton.jit
 def _expand_kernel(v_ptr, m_ptr, s_ptr, z_ptr, out_ptr, N, K, g, VROW, MROW, stride_s,
                    FMT: tl.constexpr, HAS_ZERO: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   NG: tl.constexpr):
+                   NG: tl.constexpr, PAIRS: tl.constexpr):
     """One dense [BN, BK] tile of the weight, in out's dtype."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     k0 = tl.program_id(1) * BK
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     v0, v1, i0, i1 = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
-                                stride_s, FMT, HAS_ZERO, BK, NG)
+                                stride_s, FMT, HAS_ZERO, BK, NG, PAIRS)
     w = _dense_tile(v0, v1, i0, i1)
     tl.store(out_ptr + rows64[:, None] * K + k0 + tl.arange(0, BK)[None, :],
              w.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -306,11 +307,12 @@ def candidates(x: torch.Tensor, n: int, k: int, g: int, fmt: int) -> list:
 class _Weights(NamedTuple):
     values: torch.Tensor
     meta_words: torch.Tensor
-    scale: torch.Tensor
+    scale: torch.Tensor  # as the kernels read them: see weight_only.param_words
     zero: torch.Tensor
     fmt: int
     has_zero: bool
     g: int
+    pairs: int
 
 
 def _kernel_launch(cfg: SparseCfg, compile_only: bool, x: torch.Tensor, w: _Weights,
@@ -325,7 +327,7 @@ def _kernel_launch(cfg: SparseCfg, compile_only: bool, x: torch.Tensor, w: _Weig
               x.stride(0), iters)
     meta = dict(FMT=w.fmt, HAS_ZERO=w.has_zero, HAS_BIAS=bias is not None,
                 PARTIAL=cfg.split > 1, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, NG=ng,
-                STAGES=cfg.stages, num_warps=cfg.warps)
+                STAGES=cfg.stages, PAIRS=w.pairs, num_warps=cfg.warps)
     if cfg.kind == "gemv":
         launch_kernel(_gemv_kernel, (triton.cdiv(n, cfg.bn), cfg.split), compile_only,
                       *common, **meta)
@@ -349,7 +351,7 @@ def expand_weight(w: _Weights, k: int, dtype: torch.dtype,
     launch_kernel(_expand_kernel, grid, compile_only, w.values, w.meta_words, w.scale, w.zero,
                   out, n, k, w.g, w.values.stride(0), w.meta_words.stride(0), w.scale.stride(0),
                   FMT=w.fmt, HAS_ZERO=w.has_zero, BN=bn, BK=bk, NG=max(1, bk // w.g),
-                  num_warps=4)
+                  PAIRS=w.pairs, num_warps=4)
     return out
 
 
@@ -468,7 +470,11 @@ def pack_weights(values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor |
         scale = scale.contiguous()
     has_zero = zero is not None and fmt == INT4
     zero = zero.contiguous() if has_zero else scale
-    return _Weights(values, meta.contiguous().view(torch.int32), scale, zero, fmt, has_zero, g)
+    pairs = 0
+    if fmt != FLOAT:
+        scale, zero, pairs = param_words(scale, zero)
+    return _Weights(values, meta.contiguous().view(torch.int32), scale, zero, fmt, has_zero, g,
+                    pairs)
 
 
 def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
