@@ -572,7 +572,7 @@ _GEMV_TILES = (
 
 # Several rows of x (2 <= M <= 4): each thread keeps BM x 32 activations and BM x BN x 4 word
 # sums. The tuner weighs these against tl.dot; on the H200 they win for int8 and fp8 at M = 2
-# (10-25% faster) and on the small 4096x1024 layer at M = 4, never for int4 beyond M = 1, and
+# (7-33% faster) and on the small 4096x1024 layer at M = 4, never for int4 beyond M = 1, and
 # never at M = 8 or 16 (results/ops_small_m_rows.json), so larger buckets have none.
 _GEMV_ROWS_TILES = {
     2: (GemvCfg(8, 128, 1, 3, bm=2), GemvCfg(4, 128, 1, 3, bm=2), GemvCfg(8, 256, 2, 3, bm=2),
