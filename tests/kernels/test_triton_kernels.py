@@ -323,6 +323,24 @@ def test_fp8_full_size(m):
     assert sqnr_db(y, linear_ref(x, dequant_scaled(q, scale), None)) > 40
 
 
+def _check_every_tile(m, fmt, tiles_of, launch_name):
+    """Run every tile tiles_of(x, g, codes per word) gives on a full-size layer with
+    weight_only.<launch_name>, each against the float reference."""
+    from lowbit.kernels.triton import weight_only as wo
+
+    x = make_x(m, K_FULL, torch.bfloat16)
+    words, scale, zero, code, w = _weights(fmt, N_FULL, K_FULL, 128, torch.bfloat16)
+    bias = maybe_bias(N_FULL, torch.bfloat16, True)
+    ref = linear_ref(x, w, bias)
+    g = K_FULL // scale.shape[1]
+    tiles = tiles_of(x, g, wo._CODES_PER_WORD[code])
+    assert tiles
+    for cfg in tiles:
+        out = torch.empty(m, N_FULL, device=DEVICE, dtype=torch.bfloat16)
+        getattr(wo, launch_name)(cfg, False, x, words, scale, zero, bias, out, code, g)
+        assert sqnr_db(out, ref) > 40, cfg  # fp32 sums, bf16 weights and output: ~50 dB
+
+
 @pytest.mark.cuda
 @needs_gpu
 @pytest.mark.parametrize("m", [8, 33])
@@ -331,17 +349,10 @@ def test_every_swapped_gemm_tile(m, fmt):
     """Every swapped GEMM candidate of the small-M buckets, not only the tuner's winner."""
     from lowbit.kernels.triton import weight_only as wo
 
-    x = make_x(m, K_FULL, torch.bfloat16)
-    words, scale, zero, code, w = _weights(fmt, N_FULL, K_FULL, 128, torch.bfloat16)
-    bias = maybe_bias(N_FULL, torch.bfloat16, True)
-    ref = linear_ref(x, w, bias)
-    g = K_FULL // scale.shape[1]
-    tiles = [t for t in wo.gemm_candidates(wo._GEMM_TILES, x, N_FULL, K_FULL, g, 32) if t.swap]
-    assert tiles
-    for cfg in tiles:
-        out = torch.empty(m, N_FULL, device=DEVICE, dtype=torch.bfloat16)
-        wo._gemm_launch(cfg, False, x, words, scale, zero, bias, out, code, g)
-        assert sqnr_db(out, ref) > 40, cfg  # bf16 weights and output: ~50 dB
+    def swapped(x, g, cpw):
+        return [t for t in wo.gemm_candidates(wo._GEMM_TILES, x, N_FULL, K_FULL, g, 32) if t.swap]
+
+    _check_every_tile(m, fmt, swapped, "_gemm_launch")
 
 
 @pytest.mark.cuda
@@ -352,17 +363,8 @@ def test_every_multi_row_gemv_tile_full_size(m, fmt):
     """Every multi-row GEMV candidate of M's bucket, compiled, on a full-size layer."""
     from lowbit.kernels.triton import weight_only as wo
 
-    x = make_x(m, K_FULL, torch.bfloat16)
-    words, scale, zero, code, w = _weights(fmt, N_FULL, K_FULL, 128, torch.bfloat16)
-    bias = maybe_bias(N_FULL, torch.bfloat16, True)
-    ref = linear_ref(x, w, bias)
-    g = K_FULL // scale.shape[1]
-    tiles = wo._gemv_candidates(x, N_FULL, K_FULL, g, wo._CODES_PER_WORD[code])
-    assert tiles
-    for cfg in tiles:
-        out = torch.empty(m, N_FULL, device=DEVICE, dtype=torch.bfloat16)
-        wo._gemv_launch(cfg, False, x, words, scale, zero, bias, out, code, g)
-        assert sqnr_db(out, ref) > 40, cfg  # fp32 sums, bf16 output: ~50 dB
+    _check_every_tile(m, fmt, lambda x, g, cpw: wo._gemv_candidates(x, N_FULL, K_FULL, g, cpw),
+                      "_gemv_launch")
 
 
 @pytest.mark.cuda

@@ -11,7 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .weight_only import TUNER, GemmCfg, gemm_candidates, launch_kernel, m_bucket, splitk_reduce
+from .weight_only import (
+    TUNER,
+    GemmCfg,
+    gemm_candidates,
+    launch_kernel,
+    m_bucket,
+    splitk_reduce,
+    store_tile,
+)
 
 # Longest row quantized in one pass (the row is held in registers).
 _MAX_ROW = 32768
@@ -85,14 +93,7 @@ def _int8_gemm_kernel(
     a_scale = tl.load(as_ptr + offs_m, mask=mmask, other=0.0)
     b_scale = tl.load(bs_ptr + offs_n, mask=nmask, other=0.0)
     y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * M * N + out_offs, y, mask=omask)
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=omask)
+    store_tile(out_ptr, bias_ptr, y, offs_m, offs_n, mmask, nmask, M, N, pid_k, HAS_BIAS, PARTIAL)
 
 
 # Candidates by M bucket; int8 tensor cores take 32-deep k steps, so BK >= 64 throughout.

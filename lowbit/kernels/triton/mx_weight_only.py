@@ -48,6 +48,7 @@ from .weight_only import (
     num_sms,
     split_options,
     splitk_reduce,
+    store_tile,
 )
 
 # Element type ids (constexpr in the kernels).
@@ -363,14 +364,7 @@ def _mx_gemm_kernel(
         acc = tl.trans(acc)
     if NV:
         acc *= tl.load(ts_ptr)
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=omask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    store_tile(out_ptr, b_ptr, acc, offs_m, offs_n, mmask, nmask, M, N, pid_k, HAS_BIAS, PARTIAL)
 
 
 def _gemm_launch(cfg: GemmCfg, compile_only: bool, x, words, scale, ts, bias, out, elem: int,

@@ -40,6 +40,7 @@ from .weight_only import (
     param_words,
     split_options,
     splitk_reduce,
+    store_tile,
 )
 
 FLOAT, INT8, INT4 = 0, 1, 2
@@ -159,14 +160,7 @@ def _gemv_kernel(
         xs1 = tl.where(a1 == 3, x3, tl.where(a1 == 2, x2, x1))
         acc += v0[None, :, :] * xs0 + v1[None, :, :] * xs1
     y = tl.sum(acc, axis=2)
-    out_offs = offs_m[:, None] * N + rows[None, :]
-    omask = mmask[:, None] & rmask[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * M * N + out_offs, y, mask=omask)
-    else:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=omask)
+    store_tile(out_ptr, b_ptr, y, offs_m, rows, mmask, rmask, M, N, pid_k, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
@@ -207,14 +201,7 @@ def _dot_kernel(
             acc = _dot(xt, tl.trans(w), acc, DOT_F32)
     if SWAP:
         acc = tl.trans(acc)
-    out_offs = offs_m[:, None] * N + rows[None, :]
-    omask = mmask[:, None] & rmask[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=omask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    store_tile(out_ptr, b_ptr, acc, offs_m, rows, mmask, rmask, M, N, pid_k, HAS_BIAS, PARTIAL)
 
 
 @triton.jit

@@ -179,6 +179,21 @@ def fit_k_block(block: int, k: int, g: int, minimum: int) -> int:
 
 
 @triton.jit
+def store_tile(out_ptr, b_ptr, y, offs_m, offs_n, mmask, nmask, M, N, pid_k,
+               HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+    """Write the fp32 tile y [BM, BN] of out [M, N]: into K split pid_k of the fp32 workspace
+    (the split-K reduce adds the bias), or with the bias added, in out's dtype."""
+    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    if PARTIAL:
+        tl.store(out_ptr + pid_k * M * N + out_offs, y, mask=omask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
 def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr,
                           BLOCK: tl.constexpr):
     """out = sum over splits of ws[s] (+ bias), summed in split order so it is deterministic."""
@@ -532,14 +547,7 @@ def _gemv_rows_kernel(
             part -= (z + INT4_OFFSET)[None, :, :] * xsum_g[:, None, :]
         acc += part * s[None, :, :]
     y = tl.sum(acc, axis=2)
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * M * N + out_offs, y, mask=omask)
-    else:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=omask)
+    store_tile(out_ptr, b_ptr, y, offs_m, offs_n, mmask, nmask, M, N, pid_k, HAS_BIAS, PARTIAL)
 
 
 class GemvCfg(NamedTuple):
@@ -707,14 +715,7 @@ def _gemm_kernel(
     if SWAP:
         acc = tl.trans(acc)
 
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=omask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    store_tile(out_ptr, b_ptr, acc, offs_m, offs_n, mmask, nmask, M, N, pid_k, HAS_BIAS, PARTIAL)
 
 
 class GemmCfg(NamedTuple):
