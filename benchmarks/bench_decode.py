@@ -141,7 +141,9 @@ def decode_step(model: Transformer, batch: int, args: argparse.Namespace):
 
 @torch.no_grad()
 def run_decode(model: Transformer, batch: int, args: argparse.Namespace,
-               profile_name: str | None = None) -> dict:
+               profile_name: str | None = None, other_bytes: int = 0) -> dict:
+    """One timed decode run. `other_bytes`: GPU memory held by other models (the bf16 source
+    kept for the next config), left out of the reported peak."""
     prompt_len, new, skip_guards = args.prompt, args.new, args.skip_guards
     torch.manual_seed(1)
     prompt = torch.randint(0, model.args.vocab_size, (batch, prompt_len), device="cuda")
@@ -180,7 +182,7 @@ def run_decode(model: Transformer, batch: int, args: argparse.Namespace,
         "tokens_per_s": (new - 1) / seconds,
         "tokens_per_s_total": batch * (new - 1) / seconds,
         "ms_per_step": seconds * 1000 / (new - 1),
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_mem_gib": (torch.cuda.max_memory_allocated() - other_bytes) / 2**30,
         "compile_s": compile_s,
     }
     if profile_name is not None:
@@ -273,6 +275,7 @@ def main() -> None:
     rows = []
     for label, name, use_ao in plan:
         try:
+            other_bytes = 0 if name is None else torch.cuda.memory_allocated()
             model = base if name is None else quantized_copy(base, name, use_ao)
             sq = logits_check(model, base_logits, check_prompt)
             weight_gib = model_bytes(model) / 2**30
@@ -280,7 +283,7 @@ def main() -> None:
                 profile = f"{label.replace(':', '-')}_b{batch}" if args.profile else None
                 blocks = args.compile == "blocks"
                 with compiled_blocks(model) if blocks else contextlib.nullcontext():
-                    r = run_decode(model, batch, args, profile)
+                    r = run_decode(model, batch, args, profile, other_bytes)
                 r.update(config=label, logits_sqnr_vs_bf16_db=sq, weights_gib=weight_gib)
                 rows.append(r)
                 print(f"{label:<22} B={batch:<3} {r['tokens_per_s']:8.1f} tok/s  "
@@ -309,7 +312,9 @@ def _save(args: argparse.Namespace, rows: list[dict]) -> Path:
     cond = conditions() | {"layers": args.layers, "prompt": args.prompt, "new_tokens": args.new,
                            "model": "llama3-8b dims", "compile": compiled,
                            "skip_guard_eval_unsafe": args.skip_guards,
-                           "fused_projections": args.fuse_projections}
+                           "fused_projections": args.fuse_projections,
+                           "peak_mem": "this model's weights, KV cache and activations; the bf16 "
+                                       "source model kept for the next config is subtracted"}
     return write_result(args.out, {"conditions": cond, "rows": rows})
 
 
