@@ -57,8 +57,10 @@ _FMT_BY_BITS = {0: FLOAT, 8: INT8, 4: INT4}
 def _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW, stride_s,
                FMT: tl.constexpr, HAS_ZERO: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr,
                PAIRS: tl.constexpr):
-    """Columns [k0, k0 + BK) of BN rows: the kept values v0, v1 (fp32, dequantized) and their
-    positions i0 < i1 in each group of 4, all [BN, BK / 4].
+    """Columns [k0, k0 + BK) of BN rows, each [BN, BK / 4]: the kept values v0, v1 (fp32, less
+    the zero point but not yet scaled: see `_scaled`), the metadata nibble of each group in the
+    low 4 bits of `nib` (i0 | i1 << 2, positions i0 < i1; higher bits are not cleared), and the
+    group scales s (unused for float values).
 
     Metadata word w of a row covers groups 8w..8w+7, group j at bits 4j (low nibble first). For
     int4, byte j of the codes is exactly group j (low nibble = first kept value)."""
@@ -67,15 +69,12 @@ def _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW, str
     NW: tl.constexpr = BK // 32
     words = tl.load(m_ptr + rows64[:, None] * MROW + (k0 // 32 + tl.arange(0, NW))[None, :],
                     mask=rmask[:, None], other=0)
-    nib = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
-    nib = tl.reshape(nib, (BN, G))
-    i0 = nib & 3
-    i1 = (nib >> 2) & 3
+    nib = tl.reshape(words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :], (BN, G))
+    # Codes become floats by OR-ing them into the mantissa of 2**23 (exact), then subtracting
+    # 2**23: two integer-unit ops instead of an int-to-float conversion (quarter rate on Hopper).
     if FMT == 2:
         b = tl.load(v_ptr + rows64[:, None] * VROW + (k0 // 4 + tl.arange(0, G))[None, :],
                     mask=rmask[:, None], other=0).to(tl.int32)
-        # A nibble ORed into the mantissa of 2**23 is the float 2**23 + code, exactly: an OR
-        # and a subtraction instead of an int-to-float conversion (quarter rate on Hopper).
         # Symmetric codes are stored offset by 8, which the same subtraction removes.
         base: tl.constexpr = 8388608.0 if HAS_ZERO else 8388616.0
         v0 = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - base
@@ -83,7 +82,15 @@ def _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW, str
     else:
         raw = tl.load(v_ptr + rows64[:, None] * VROW + (k0 // 2 + tl.arange(0, 2 * G))[None, :],
                       mask=rmask[:, None], other=0)
-        v0, v1 = tl.split(tl.reshape(raw.to(tl.float32), (BN, G, 2)))
+        if FMT == 1:
+            # The low byte with its sign bit flipped is q + 128; XOR-ing in the exponent of 2**23
+            # as well takes one op: (q & 0xFF) ^ 0x4B000080 = bits of 2**23 + 128 + q.
+            vals = ((raw.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True)
+            vals -= 8388736.0
+        else:
+            vals = raw.to(tl.float32)
+        v0, v1 = tl.split(tl.reshape(vals, (BN, G, 2)))
+    s = v0
     if FMT != 0:
         # NG scale groups in the tile (NG = 1 when a group spans several tiles).
         grp = k0 // g + tl.arange(0, NG)
@@ -92,12 +99,18 @@ def _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW, str
         if HAS_ZERO:
             z = _load_params(z_ptr + rows64[:, None] * stride_s, grp, rmask[:, None], PAIRS)
             z = tl.reshape(tl.broadcast_to(z[:, :, None], (BN, NG, G // NG)), (BN, G))
-            v0 = (v0 - z) * s
-            v1 = (v1 - z) * s
-        else:
-            v0 = v0 * s
-            v1 = v1 * s
-    return v0, v1, i0, i1
+            v0 -= z
+            v1 -= z
+    return v0, v1, nib, s
+
+
+@triton.jit
+def _scaled(v0, v1, s, FMT: tl.constexpr):
+    """Kept values times their group scales (float values as they are)."""
+    if FMT != 0:
+        v0 = v0 * s
+        v1 = v1 * s
+    return v0, v1
 
 
 @triton.jit
@@ -111,10 +124,13 @@ def _quads(x):
 
 
 @triton.jit
-def _dense_tile(v0, v1, i0, i1):
-    """[BN, G] kept values and positions -> the dense [BN, 4 G] tile (zeros where pruned)."""
+def _dense_tile(v0, v1, nib):
+    """[BN, G] kept values and metadata nibbles -> the dense [BN, 4 G] tile (zeros where
+    pruned)."""
     BN: tl.constexpr = v0.shape[0]
     BK: tl.constexpr = v0.shape[1] * 4
+    i0 = nib & 3
+    i1 = (nib >> 2) & 3
     w0 = tl.where(i0 == 0, v0, 0.0)
     w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, 0.0))
     w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, 0.0))
@@ -149,17 +165,24 @@ def _gemv_kernel(
     it0, steps = split_range(pid_k, ITERS, TOTAL)
     for step in tl.range(0, steps, num_stages=STAGES):
         k0 = (it0 + step) * BK
-        v0, v1, i0, i1 = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
+        v0, v1, nib, s = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
                                     stride_s, FMT, HAS_ZERO, BK, NG, PAIRS)
+        if BM > 1:  # scale the values once for all rows of x (else the products, below)
+            v0, v1 = _scaled(v0, v1, s, FMT)
         x0, x1, x2, x3 = _quads(tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
                                 .to(tl.float32))
         x0, x1, x2, x3 = x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :]
-        a0 = i0[None, :, :]
-        a1 = i1[None, :, :]
-        # i0 is 0, 1 or 2 and i1 is 1, 2 or 3 (i0 < i1): two selects each.
-        xs0 = tl.where(a0 == 0, x0, tl.where(a0 == 1, x1, x2))
-        xs1 = tl.where(a1 == 3, x3, tl.where(a1 == 2, x2, x1))
-        acc += v0[None, :, :] * xs0 + v1[None, :, :] * xs1
+        # i0 is 0, 1 or 2 and i1 is 1, 2 or 3 (i0 < i1): each picks among three activations by
+        # two bit tests of the nibble, shared by all rows of x.
+        xs0 = tl.where(((nib & 2) != 0)[None, :, :], x2,
+                       tl.where(((nib & 1) != 0)[None, :, :], x1, x0))
+        xs1 = tl.where(((nib & 8) != 0)[None, :, :],
+                       tl.where(((nib & 4) != 0)[None, :, :], x3, x2), x1)
+        prod = v0[None, :, :] * xs0 + v1[None, :, :] * xs1
+        if BM == 1 and FMT != 0:
+            acc += prod * s[None, :, :]
+        else:
+            acc += prod
     y = tl.sum(acc, axis=2)
     store_tile(out_ptr, b_ptr, y, offs_m, rows, mmask, rmask, M, N, pid_k, HAS_BIAS, PARTIAL)
 
@@ -192,9 +215,10 @@ def _dot_kernel(
     it0, steps = split_range(pid_k, ITERS, TOTAL)
     for step in tl.range(0, steps, num_stages=STAGES):
         k0 = (it0 + step) * BK
-        v0, v1, i0, i1 = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
+        v0, v1, nib, s = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
                                     stride_s, FMT, HAS_ZERO, BK, NG, PAIRS)
-        w = _dense_tile(v0, v1, i0, i1).to(DTYPE)
+        v0, v1 = _scaled(v0, v1, s, FMT)
+        w = _dense_tile(v0, v1, nib).to(DTYPE)
         xt = tl.load(x_ptrs + k0, mask=mmask[:, None], other=0.0)
         if SWAP:
             acc = _dot(w, tl.trans(xt), acc, DOT_F32)
@@ -214,9 +238,10 @@ def _expand_kernel(v_ptr, m_ptr, s_ptr, z_ptr, out_ptr, N, K, g, VROW, MROW, str
     k0 = tl.program_id(1) * BK
     rmask = rows < N
     rows64 = rows.to(tl.int64)
-    v0, v1, i0, i1 = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
+    v0, v1, nib, s = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
                                 stride_s, FMT, HAS_ZERO, BK, NG, PAIRS)
-    w = _dense_tile(v0, v1, i0, i1)
+    v0, v1 = _scaled(v0, v1, s, FMT)
+    w = _dense_tile(v0, v1, nib)
     tl.store(out_ptr + rows64[:, None] * K + k0 + tl.arange(0, BK)[None, :],
              w.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
