@@ -265,16 +265,24 @@ class SparseCfg(NamedTuple):
     swap: bool = False
 
 
-# GEMV: a warp streams 256-512 logical columns (256-512 bytes of bf16 kept values) of a few rows
-# per step; its registers hold BM x BN x BK/4 partial sums, so wider M takes narrower tiles.
+# GEMV: a warp streams 256-2048 logical columns (256-2048 bytes of bf16 kept values) of a few
+# rows per step; its registers hold BM x BN x BK/4 partial sums, so wider M takes narrower
+# tiles. The per-step overhead (addresses, shared-memory staging, waits) is paid per thread, so
+# the wide-K tiles, which give each thread 4-8 groups of each row, amortize it best.
 _GEMV_TILES = {
     1: (SparseCfg("gemv", 1, 8, 512, 2, 3), SparseCfg("gemv", 1, 16, 256, 2, 3),
         SparseCfg("gemv", 1, 8, 256, 1, 3), SparseCfg("gemv", 1, 4, 1024, 4, 2),
-        SparseCfg("gemv", 1, 16, 512, 4, 2)),
-    2: (SparseCfg("gemv", 2, 8, 256, 2, 3), SparseCfg("gemv", 2, 16, 256, 4, 2)),
-    4: (SparseCfg("gemv", 4, 8, 256, 2, 3), SparseCfg("gemv", 4, 8, 256, 4, 2)),
-    8: (SparseCfg("gemv", 8, 4, 256, 2, 3), SparseCfg("gemv", 8, 8, 128, 2, 3)),
-    16: (SparseCfg("gemv", 16, 4, 128, 2, 3),),
+        SparseCfg("gemv", 1, 16, 512, 4, 2), SparseCfg("gemv", 1, 8, 2048, 2, 2),
+        SparseCfg("gemv", 1, 4, 2048, 2, 3), SparseCfg("gemv", 1, 8, 1024, 2, 3),
+        SparseCfg("gemv", 1, 16, 1024, 4, 2)),
+    2: (SparseCfg("gemv", 2, 8, 256, 2, 3), SparseCfg("gemv", 2, 16, 256, 4, 2),
+        SparseCfg("gemv", 2, 8, 1024, 2, 3)),
+    4: (SparseCfg("gemv", 4, 8, 256, 2, 3), SparseCfg("gemv", 4, 8, 256, 4, 2),
+        SparseCfg("gemv", 4, 4, 1024, 2, 3), SparseCfg("gemv", 4, 8, 1024, 4, 2)),
+    8: (SparseCfg("gemv", 8, 4, 256, 2, 3), SparseCfg("gemv", 8, 8, 128, 2, 3),
+        SparseCfg("gemv", 8, 2, 1024, 2, 3), SparseCfg("gemv", 8, 4, 512, 2, 3)),
+    16: (SparseCfg("gemv", 16, 4, 128, 2, 3), SparseCfg("gemv", 16, 2, 512, 2, 3),
+         SparseCfg("gemv", 16, 4, 512, 4, 2)),
 }
 _DOT_TILES = (SparseCfg("dot", 16, 64, 128, 4, 4), SparseCfg("dot", 16, 32, 256, 4, 4),
               SparseCfg("dot", 16, 128, 128, 4, 3), SparseCfg("dot", 16, 64, 256, 4, 3),
