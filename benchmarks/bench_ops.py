@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     stored_bytes,
     time_op,
     torchao_configs,
+    tuner_classes,
     write_result,
 )
 
@@ -111,9 +112,11 @@ def bench_shape(k: int, n: int, ms: list[int], configs: list[str], ao: dict) -> 
             tuned_before = set(TUNER.chosen())
             try:
                 out = fn(*inputs[0])
-                tiles = [str(t) for key, t in TUNER.chosen().items() if key not in tuned_before]
-                if tiles:  # the launch configs the tuner picked for this op (Triton kernels)
-                    row["tuned"] = tiles
+                new_keys = [key for key in TUNER.chosen() if key not in tuned_before]
+                if new_keys:  # the launch configs the tuner picked for this op (Triton kernels)
+                    row["tuned"] = [str(TUNER.chosen()[key]) for key in new_keys]
+                    row["tuner_best_by_class"] = [tuner_classes(TUNER.timings[key])
+                                                  for key in new_keys if key in TUNER.timings]
                 if name in OPS:
                     row["sqnr_vs_reference_db"] = _sqnr(_reference_out(ws[0], xs[0]), out)
                     bits = 4 if name.startswith("int4") else 8  # int4 configs: with zeros

@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     copy_tbps,
     stored_bytes,
     time_op,
+    tuner_classes,
     write_result,
 )
 
@@ -110,6 +111,8 @@ def bench_shape(k: int, n: int, ms: list[int]) -> list[dict]:
                        ws[0].zero is not None, torch.bfloat16, tk.m_bucket(m), n, k,
                        k if ws[0].bits == 0 else 128)
                 row["kernel"] = str(tk.TUNER.chosen().get(key))
+                if key in tk.TUNER.timings:
+                    row["tuner_best_by_class"] = tuner_classes(tk.TUNER.timings[key])
             rows.append(row)
             sp = row.get("speedup_vs_baseline")
             print(f"K={k:>5} N={n:>5} M={m:>4} {name:<16} {us:9.2f} us "

@@ -110,6 +110,28 @@ def time_cuda_graph(fn, inputs: list[tuple], calls_per_graph: int = 20, reps: in
     return times[len(times) // 2]
 
 
+def _kernel_class(cand) -> str:
+    if isinstance(cand, str):
+        return cand
+    parts = [getattr(cand, "kind", None) or type(cand).__name__]
+    if getattr(cand, "persistent", 0):
+        parts.append("persistent")
+    if getattr(cand, "bm", 1) > 1 and type(cand).__name__ == "GemvCfg":
+        parts.append("rows")
+    if getattr(cand, "swap", False):
+        parts.append("swap")
+    return "/".join(parts)
+
+
+def tuner_classes(timings: list[tuple[float, object]]) -> dict[str, list]:
+    """The fastest candidate of each kernel class the tuner timed for one key, as
+    {class: [microseconds, candidate]}, fastest class first: shows how close the losers came."""
+    best: dict[str, list] = {}
+    for ms, cand in sorted(timings, key=lambda t: t[0]):
+        best.setdefault(_kernel_class(cand), [round(ms * 1000, 2), str(cand)])
+    return best
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
