@@ -99,5 +99,21 @@ def _register() -> None:
         )
         return _unflat(y.to(x.dtype), x)
 
+    @ops.decode_attention.register_kernel("cuda")
+    def _(q, k, v, input_pos):
+        if not HAS_TRITON or not decode_attention_fits(q, k, v):
+            return ref.decode_attention(q, k, v, input_pos)
+        from lowbit.kernels.triton.decode_attention import decode_attention
+
+        return decode_attention(q, k, v, input_pos)
+
+
+def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The Triton decode attention takes one query per sequence, a power-of-two head size of
+    16 or more, and rows contiguous along it."""
+    dim = q.shape[-1]
+    return (q.shape[2] == 1 and dim >= 16 and dim & (dim - 1) == 0 and q.stride(-1) == 1
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and q.dtype == k.dtype == v.dtype)
+
 
 _register()

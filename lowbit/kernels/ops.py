@@ -58,6 +58,18 @@ def int8_act_intx_weight_linear(
     return ref.int8_act_intx_weight_linear(x, qdata, scale, zero, bias, bits)
 
 
+@torch.library.custom_op("lowbit::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+    """Attention of one new token per sequence over a static KV cache (positions up to
+    input_pos[0]); on CUDA a split-cache Triton kernel, see kernels/triton/decode_attention."""
+    return ref.decode_attention(q, k, v, input_pos)
+
+
+@decode_attention.register_fake
+def _fake_decode_attention(q, k, v, input_pos):
+    return torch.empty_like(q)
+
+
 @int8_weight_only_linear.register_fake
 @fp8_weight_only_linear.register_fake
 @int8_dynamic_linear.register_fake
@@ -83,4 +95,5 @@ ALL_OPS = (
     int8_dynamic_linear,
     fp8_dynamic_linear,
     int8_act_intx_weight_linear,
+    decode_attention,
 )

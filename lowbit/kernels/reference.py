@@ -119,3 +119,16 @@ def fake_quantize_per_token_int8_asym(x: torch.Tensor) -> torch.Tensor:
 def int8_act_intx_weight_linear(x, qdata, scale, zero, bias, bits):
     w = intx_weight(qdata, scale, zero, bits, x.dtype)
     return F.linear(fake_quantize_per_token_int8_asym(x), w, bias)
+
+
+def decode_attention(q, k, v, input_pos):
+    """One new token per sequence over a KV cache: q [B, H, 1, D], k and v [B, H_kv, S, D];
+    query head j reads KV head j // (H / H_kv) at positions 0..input_pos[0]. The query heads
+    of a KV head are folded into its query rows, so K/V are read as they are."""
+    batch, heads, _, dim = q.shape
+    kv_heads, cache_len = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    folded = q.reshape(batch, kv_heads, groups, dim)
+    seen = torch.arange(cache_len, device=q.device) <= input_pos[0]
+    y = F.scaled_dot_product_attention(folded, k, v, attn_mask=seen.expand(groups, cache_len))
+    return y.reshape(batch, heads, 1, dim)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowbit.kernels import ops
+
 _PRESETS: dict[str, dict] = {
     "llama3-8b": dict(
         dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_hidden=14336,
@@ -169,7 +171,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = self._attend(q, k, v, mask)
+        if input_pos is not None and seq == 1 and q.is_cuda:
+            # One new token: the split-cache decode kernel (a batch-1 step would otherwise keep
+            # only n_kv_heads SMs busy in attention).
+            y = ops.decode_attention(q, k, v, input_pos)
+        else:
+            y = self._attend(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(batch, seq, -1))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

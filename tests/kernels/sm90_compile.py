@@ -1,7 +1,7 @@
 """Compile the quantized-linear Triton kernels for Hopper (sm_90) on a machine without a GPU.
 
 Covers weight-only int4/int8/fp8, 2:4 sparse (bf16, int8, int4 values), MX/NVFP4 weight-only,
-int8 dynamic and the fp8 row quantizer.
+int8 dynamic, the fp8 row quantizer and the decode attention.
 
 Run by test_sm90_compile.py in a subprocess, because the kernel tests import the kernels under
 TRITON_INTERPRET=1, which turns them into interpreted functions. The interpreter runs code the
@@ -33,7 +33,7 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from lowbit.formats import mx  # noqa: E402
-from lowbit.kernels.triton import dynamic, mx_weight_only, sparse24  # noqa: E402
+from lowbit.kernels.triton import decode_attention, dynamic, mx_weight_only, sparse24  # noqa: E402
 from lowbit.kernels.triton import weight_only as wo  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -209,6 +209,12 @@ def main() -> None:
         dynamic.int8_dynamic_mm(x, q, torch.rand(n, 1), None)
         recorder.case = f"fp8 row quantize M={m}"
         dynamic.quantize_fp8_rows(x, per_row=True)
+    decode_attention.exact_dot = lambda q: False  # the bf16 tensor-core dots a GPU call runs
+    for batch in (1, 8):
+        recorder.case = f"decode attention B={batch}"
+        q = torch.randn(batch, 32, 1, 128, dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, 8, 384, 128, dtype=torch.bfloat16) for _ in range(2))
+        decode_attention.decode_attention(q, k, v, torch.tensor([200]))
 
 
 if __name__ == "__main__":

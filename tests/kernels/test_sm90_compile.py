@@ -39,7 +39,8 @@ def test_every_kernel_compiles_for_sm90(kernels):
         "dequant._dequant_kernel", "weight_only._splitk_reduce_kernel", "sparse24._expand_kernel",
         "dynamic._int8_gemm_kernel", "dynamic._quantize_rows_kernel",
         "dynamic._quantize_rows_fp8_kernel", "mx_weight_only._mx_gemv_kernel",
-        "mx_weight_only._mx_gemm_kernel"} <= names
+        "mx_weight_only._mx_gemm_kernel", "decode_attention._partial_kernel",
+        "decode_attention._merge_kernel"} <= names
 
 
 def test_quantized_weight_loops_have_no_synchronous_loads(kernels):

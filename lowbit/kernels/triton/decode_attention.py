@@ -1,0 +1,141 @@
+"""Attention of one new token per sequence over a static KV cache, split along the cache.
+
+At decode time a grouped-query layer has only batch x KV heads independent problems (8 for
+Llama-3-8B at batch 1): a kernel with one program per head keeps 8 SMs busy while the rest
+idle, and the step waits on them. Here each (sequence, KV head) is also split along the cache
+into chunks of BS positions; every program computes an online-softmax partial result for all
+`groups` query heads sharing its KV head (the KV tile is read once for them), and a second
+small kernel merges the partials. Only positions up to the query's own (`input_pos`, read on
+the device: no host sync, CUDA-graph safe) are read, so the zeros beyond it cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .weight_only import num_sms
+
+BS = 64  # cache positions per tile
+
+
+@triton.jit
+def _partial_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr,
+    KV_HEADS, SPLITS, CHUNK, scale,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Softmax-weighted sum over cache chunk `split` for the G query heads of one KV head:
+    acc [GP, D] (unnormalized), running max m and sum l [GP], into the fp32 workspaces."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // KV_HEADS
+    h = bh % KV_HEADS
+    rows = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + (h * G + rows)[:, None] * stride_qh + d[None, :],
+                mask=(rows < G)[:, None], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, tl.load(pos_ptr) + 1)
+    m = tl.full((GP,), float("-inf"), tl.float32)
+    l = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    for s0 in range(start, end, BS):
+        offs = s0 + tl.arange(0, BS)
+        valid = offs < end
+        k = tl.load(k_base + offs[:, None] * stride_ks + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + offs[:, None] * stride_vs + d[None, :], mask=valid[:, None], other=0.0)
+        if DOT_F32:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        if DOT_F32:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    slot = bh * SPLITS + split
+    tl.store(acc_ptr + (slot * GP + rows)[:, None] * D + d[None, :], acc)
+    tl.store(ml_ptr + slot * 2 * GP + rows, m)
+    tl.store(ml_ptr + slot * 2 * GP + GP + rows, l)
+
+
+@triton.jit
+def _merge_kernel(acc_ptr, ml_ptr, out_ptr, KV_HEADS, SPLITS, stride_ob, stride_oh,
+                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):
+    """out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s over the splits of one KV head
+    (an empty split has m = -inf, l = 0 and weighs nothing)."""
+    bh = tl.program_id(0)
+    b = bh // KV_HEADS
+    h = bh % KV_HEADS
+    sp = tl.arange(0, SP)
+    rows = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    ml = ml_ptr + bh * SPLITS * 2 * GP
+    top = tl.max(tl.load(ml + (sp * 2 * GP)[:, None] + rows[None, :],
+                         mask=(sp < SPLITS)[:, None], other=float("-inf")), axis=0)
+    total = tl.zeros((GP, D), tl.float32)
+    norm = tl.zeros((GP,), tl.float32)
+    for split in range(SPLITS):
+        w = tl.exp(tl.load(ml + split * 2 * GP + rows) - top)
+        norm += tl.load(ml + split * 2 * GP + GP + rows) * w
+        total += tl.load(acc_ptr + ((bh * SPLITS + split) * GP + rows)[:, None] * D
+                         + d[None, :]) * w[:, None]
+    out = total / norm[:, None]
+    tl.store(out_ptr + b * stride_ob + (h * G + rows)[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(rows < G)[:, None])
+
+
+def splits_for(batch_heads: int, cache_len: int, sms: int) -> tuple[int, int]:
+    """(splits, chunk): enough programs for ~2 per SM, chunks a whole number of tiles."""
+    tiles = triton.cdiv(cache_len, BS)
+    splits = max(1, min(tiles, triton.cdiv(2 * sms, batch_heads)))
+    chunk = triton.cdiv(tiles, splits) * BS
+    return triton.cdiv(cache_len, chunk), chunk
+
+
+def exact_dot(q: torch.Tensor) -> bool:
+    """Run the dots in IEEE fp32: for fp32 inputs, and under the interpreter (whose bf16 dot
+    is wrong)."""
+    return not q.is_cuda or q.dtype == torch.float32
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     input_pos: torch.Tensor) -> torch.Tensor:
+    """q [B, H, 1, D] against the cache k, v [B, H_kv, S, D], positions 0..input_pos[0].
+
+    Returns [B, H, 1, D] in q's dtype; query head j reads KV head j // (H / H_kv)."""
+    batch, heads, _, dim = q.shape
+    kv_heads, cache_len = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    gp = max(16, triton.next_power_of_2(groups))  # tl.dot takes 16 rows or more
+    splits, chunk = splits_for(batch * kv_heads, cache_len, num_sms(q))
+    acc = torch.empty(batch * kv_heads * splits * gp * dim, device=q.device, dtype=torch.float32)
+    ml = torch.empty(batch * kv_heads * splits * 2 * gp, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    q3 = q[:, :, 0]
+    _partial_kernel[(batch * kv_heads, splits)](
+        q3, k, v, input_pos, acc, ml, kv_heads, splits, chunk, dim ** -0.5,
+        q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        G=groups, GP=gp, D=dim, BS=BS, DOT_F32=exact_dot(q),
+        num_warps=4,
+    )
+    _merge_kernel[(batch * kv_heads,)](
+        acc, ml, out, kv_heads, splits, out.stride(0), out.stride(1),
+        G=groups, GP=gp, D=dim, SP=triton.next_power_of_2(splits), num_warps=4,
+    )
+    return out
