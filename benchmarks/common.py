@@ -114,8 +114,6 @@ def _kernel_class(cand) -> str:
     if isinstance(cand, str):
         return cand
     parts = [getattr(cand, "kind", None) or type(cand).__name__]
-    if getattr(cand, "persistent", 0):
-        parts.append("persistent")
     if getattr(cand, "bm", 1) > 1 and type(cand).__name__ == "GemvCfg":
         parts.append("rows")
     if getattr(cand, "swap", False):

@@ -120,8 +120,7 @@ def _first_of_each_kind(candidates) -> list:
         if not WITH_SPLITS[0] and c.split > 1:
             continue
         kind = (type(c).__name__, getattr(c, "kind", None), getattr(c, "swap", None),
-                c.split > 1, isinstance(c, wo.GemvCfg) and c.bm > 1,
-                isinstance(c, wo.GemvCfg) and c.persistent > 0)
+                c.split > 1, isinstance(c, wo.GemvCfg) and c.bm > 1)
         kinds.setdefault(kind, c)
     return list(kinds.values())
 
@@ -172,14 +171,6 @@ def main() -> None:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             args = (x, q, scale) if zero is None else (x, q, scale, zero)
             ops[fmt](*args, bias=torch.randn(n, dtype=torch.bfloat16))
-        # The persistent GEMV is a candidate only when the row blocks outnumber the SMs' slots
-        # several times: pretend to have one SM for M = 1.
-        sms, wo.num_sms = wo.num_sms, lambda t: 1
-        recorder.case = f"{fmt} K={k} groups={groups} {str(sdtype)[6:]} M=1 persistent"
-        x = torch.randn(1, k, dtype=torch.bfloat16)
-        args = (x, q, scale) if zero is None else (x, q, scale, zero)
-        ops[fmt](*args)
-        wo.num_sms = sms
     WITH_SPLITS[0] = False
     k = 4096
     meta = torch.randint(0, 256, (n, k // 8), dtype=torch.uint8)

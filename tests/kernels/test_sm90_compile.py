@@ -14,7 +14,6 @@ triton = pytest.importorskip("triton")
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # Kernels whose K loops read group scales: all of them are prefetched.
 PREFETCHED = {"weight_only._gemv_kernel", "weight_only._gemv_rows_kernel",
-              "weight_only._gemv_persistent_kernel",
               "weight_only._gemm_kernel", "sparse24._gemv_kernel", "sparse24._dot_kernel"}
 
 

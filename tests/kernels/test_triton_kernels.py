@@ -255,26 +255,6 @@ def test_uneven_k_splits(fmt):
         assert_matches_linear(out, x, w, bias)
 
 
-@pytest.mark.parametrize(("fmt", "g", "n"), [("int4", 64, 41), ("int8", 64, 41), ("fp8", 0, 41),
-                                            ("int4", 256, 40), ("int8", 256, 40)])
-def test_persistent_gemv(fmt, g, n, monkeypatch):
-    """The persistent GEMV: 4 programs (one per SM of a 4-SM stand-in) walk ~20 row blocks of 2
-    rows (the last one partial for odd N), each over 2 K steps, with bias; g = K gives one
-    scale per row, read two rows to a word for bf16 when N is even."""
-    from lowbit.kernels.triton import weight_only as wo
-
-    monkeypatch.setattr(wo, "num_sms", lambda t: 4)
-    k = 256
-    x = make_x(1, k, torch.bfloat16)
-    words, scale, zero, code, w = _weights(fmt, n, k, g or k, torch.bfloat16)
-    bias = maybe_bias(n, torch.bfloat16, True)
-    out = torch.empty(1, n, device=DEVICE, dtype=torch.bfloat16)
-    bkw = 16 if fmt == "int4" else 32  # 2 steps of 128 values
-    cfg = wo.GemvCfg(2, bkw, 1, 2, persistent=1)
-    wo._gemv_launch(cfg, False, x, words, scale, zero, bias, out, code, k // scale.shape[1])
-    assert_matches_linear(out, x, w, bias)
-
-
 def test_fp8_decodes_every_code():
     """All 254 finite e4m3 codes (subnormals, both zeros, +-448) through the bit-trick decode."""
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
@@ -503,20 +483,6 @@ def test_tuner_warns_about_candidates_that_do_not_compile():
     with pytest.warns(RuntimeWarning, match="broken.*does not compile"):
         ok = runnable(["a", "too-big", "broken", "b"], launch)
     assert ok == ["a", "b"] and launched == ["a", "b"]
-
-
-@pytest.mark.cuda
-@needs_gpu
-@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
-def test_every_persistent_gemv_tile_full_size(fmt):
-    """Every persistent GEMV tile, on a layer wide enough for each (14336 rows)."""
-    from lowbit.kernels.triton import weight_only as wo
-
-    def persistent(x, g, cpw):
-        return [t._replace(persistent=p) for t in wo._GEMV_PERSISTENT_TILES
-                for p in (t.persistent, 1)]
-
-    _check_every_tile(1, fmt, persistent, "_gemv_launch")
 
 
 # ---------------------------------------------------------------------------------------------

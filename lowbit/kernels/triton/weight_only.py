@@ -18,7 +18,6 @@ sizes, warps, stages and the K split are tuned per (M bucket, shape) by ``Tuner`
 from __future__ import annotations
 
 import functools
-import math
 import os
 import warnings
 from collections.abc import Callable, Hashable, Sequence
@@ -387,18 +386,6 @@ def _half_to_f32(bits, PAIRS: tl.constexpr):
 
 
 @triton.jit
-def _row_params(p_ptr, offs_n, nmask, PAIRS: tl.constexpr):
-    """[BN, 1] fp32 parameters of a single group per row. 2-byte floats are read as the int32
-    word holding rows 2i and 2i + 1, for the same reason as in `_load_params`."""
-    if PAIRS == 0:
-        vals = tl.load(p_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    else:
-        word = tl.load(p_ptr + offs_n // 2, mask=nmask, other=0)
-        vals = _half_to_f32((word >> ((offs_n % 2) * 16)) & 0xFFFF, PAIRS)
-    return vals[:, None]
-
-
-@triton.jit
 def _group_params(s_ptrs, z_ptrs, grp, mask, PAIRS: tl.constexpr, HAS_ZERO: tl.constexpr):
     """(scales, zeros) of groups grp as fp32 (zeros = scales when there are none)."""
     s = _load_params(s_ptrs, grp, mask, PAIRS)
@@ -532,53 +519,6 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _gemv_persistent_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    N, g, WORDS, ITERS, stride_s,
-    FMT: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr,
-    HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr,
-    ONE_GROUP: tl.constexpr,
-):
-    """The GEMV with a fixed number of programs: each walks row blocks pid, pid + programs, ...
-    and their ITERS K steps as one flattened loop, so the pipeliner keeps the next words in
-    flight while a block is computed. In `_gemv_kernel` a program loads its words, waits, then
-    computes and exits; with ~4 programs per SM the waves then alternate between loading and
-    computing instead of overlapping the two."""
-    CPW: tl.constexpr = 8 if FMT == 0 else 4
-    BKW: tl.constexpr = NG * WPG
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    steps = tl.cdiv(tl.cdiv(N, BN) - pid, programs) * ITERS
-    rows = tl.arange(0, BN)
-    offs_j = tl.arange(0, NG)
-    x_offs = _x_offsets(BKW, CPW)
-    acc = tl.zeros((BN, NG), tl.float32)
-    for step in tl.range(0, steps, num_stages=STAGES):
-        it = step % ITERS
-        offs_n = (pid + (step // ITERS) * programs) * BN + rows
-        nmask = offs_n < N
-        words = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * WORDS + it * BKW
-                        + tl.arange(0, BKW)[None, :], mask=nmask[:, None], other=0)
-        k0 = it * BKW * CPW
-        if ONE_GROUP:  # PAIRS: rows 2i and 2i + 1 share a word (see the launch)
-            s = _row_params(s_ptr, offs_n, nmask, PAIRS)
-            z = _row_params(z_ptr, offs_n, nmask, PAIRS) if FMT == 0 else s
-        else:
-            grp = (k0 + offs_j * (WPG * CPW)) // g
-            s, z = _group_params(s_ptr + offs_n[:, None] * stride_s,
-                                 z_ptr + offs_n[:, None] * stride_s, grp, nmask[:, None], PAIRS,
-                                 FMT == 0)
-        acc += _gemv_step(words, tl.load(x_ptr + k0 + x_offs).to(tl.float32), s, z, FMT, ASM,
-                          NG, WPG)
-        if it == ITERS - 1:
-            y = tl.sum(acc, axis=1)
-            if HAS_BIAS:
-                y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
-            acc = tl.zeros((BN, NG), tl.float32)
-
-
-@triton.jit
 def _gemv_rows_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, g, WORDS, ITERS, TOTAL, stride_s, stride_xm,
@@ -639,9 +579,8 @@ def _gemv_rows_kernel(
 
 
 class GemvCfg(NamedTuple):
-    """Rows per program, words per row per loop step, warps, pipeline stages, K split, the rows
-    of x one program multiplies (bm > 1 runs ``_gemv_rows_kernel``), and programs per SM for
-    ``_gemv_persistent_kernel`` (0: one program per row block)."""
+    """Rows per program, words per row per loop step, warps, pipeline stages, K split, and the
+    rows of x one program multiplies (bm > 1 runs ``_gemv_rows_kernel``)."""
 
     bn: int
     bkw: int
@@ -649,7 +588,6 @@ class GemvCfg(NamedTuple):
     stages: int
     split: int = 1
     bm: int = 1
-    persistent: int = 0
 
 
 # One warp reads 128 words (512 bytes) of a row per step; its bn rows per thread share the
@@ -666,19 +604,6 @@ _GEMV_TILES = (
     GemvCfg(16, 256, 2, 2),
     GemvCfg(8, 512, 4, 2),
 )
-# Persistent GEMVs (M == 1): programs per SM sized so that all of them are resident at once
-# (registers ~64-128 a thread, a few stages of words in shared memory; a second, partial wave
-# would undo the overlap), narrow row blocks so that the blocks share out evenly.
-_GEMV_PERSISTENT_TILES = (
-    GemvCfg(2, 512, 4, 3, persistent=4),
-    GemvCfg(4, 512, 4, 3, persistent=4),
-    GemvCfg(2, 256, 2, 4, persistent=8),
-    GemvCfg(4, 256, 2, 3, persistent=8),
-    GemvCfg(4, 128, 1, 4, persistent=16),
-    GemvCfg(8, 128, 1, 3, persistent=12),
-)
-
-
 # Several rows of x (2 <= M <= 4): each thread keeps BM x 32 activations and BM x BN x 4 word
 # sums. The tuner weighs these against tl.dot; on the H200 they win for int8 and fp8 at M = 2
 # (7-33% faster) and on the small 4096x1024 layer at M = 4, never for int4 beyond M = 1, and
@@ -705,14 +630,6 @@ def _gemv_candidates(x: torch.Tensor, n: int, k: int, g: int, cpw: int) -> list[
         iters = k // _gemv_k_block(cfg, k, g, cpw)
         programs = triton.cdiv(n, cfg.bn) * cfg.warps
         cands += [cfg._replace(split=s) for s in split_options(programs, iters, 8 * num_sms(x))]
-    if m == 1:
-        for cfg in _GEMV_PERSISTENT_TILES:
-            blocks = triton.cdiv(n, cfg.bn)
-            per_program = blocks / (cfg.persistent * num_sms(x))
-            # Worth it with a long loop per program and row blocks that share out evenly.
-            steps = k // _gemv_k_block(cfg, k, g, cpw)
-            if per_program * steps >= 3 and math.ceil(per_program) / per_program <= 1.1:
-                cands.append(cfg)
     return list(dict.fromkeys(cands))
 
 
@@ -733,19 +650,7 @@ def _gemv_launch(cfg: GemvCfg, compile_only: bool, x, words, scale, zero, bias, 
     grid = (triton.cdiv(n, cfg.bn), cfg.split)
     total = k // kb
     iters = triton.cdiv(total, cfg.split)
-    if cfg.persistent:
-        assert m == 1 and cfg.split == 1, (m, cfg)
-        del meta["PARTIAL"]
-        if (one_group and pairs == 0 and scale.element_size() == 2 and n % 2 == 0
-                and zero.dtype == scale.dtype):
-            # One 2-byte scale per row: read as words holding two rows' (see _row_params).
-            meta["PAIRS"] = 1 if scale.dtype == torch.bfloat16 else 2
-            scale, zero = (t.reshape(-1).view(torch.int32) for t in (scale, zero))
-            common = (x, words, scale, zero, *common[4:])
-        grid = (min(grid[0], cfg.persistent * num_sms(x)),)
-        launch_kernel(_gemv_persistent_kernel, grid, compile_only, *common,
-                      n, g, words.stride(0), total, scale.stride(0), **meta)
-    elif cfg.bm == 1:
+    if cfg.bm == 1:
         assert m == 1, m
         launch_kernel(_gemv_kernel, grid, compile_only, *common,
                       n, g, words.stride(0), iters, total, scale.stride(0), **meta)
