@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: install the torchao wheel carried in .whl (if any), run the CUDA tests,
 # then the requested benchmarks; logs and JSON go to $OUT (and benchmarks/results/).
-# Usage: bash benchmarks/gpu_run.sh tests|ops|decode|sparse [extra args for the benchmark]
+# Usage: bash benchmarks/gpu_run.sh tests|kernels|ops|decode|sparse|... [extra benchmark args]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -13,6 +13,9 @@ fi
 what=$1; shift
 case "$what" in
   tests) python3 -m pytest -m cuda -q -p no:cacheprovider tests 2>&1 | tee "$OUT/cuda_tests.log" ;;
+  # The kernel tests without the marker filter: the tiny-shape ones then run compiled too.
+  kernels) python3 -m pytest -q -p no:cacheprovider tests/kernels tests/sparsity 2>&1 \
+        | tee "$OUT/kernel_tests.log" ;;
   ops) python3 benchmarks/bench_ops.py "$@" 2>&1 | tee "$OUT/ops.log" ;;
   decode) python3 benchmarks/bench_decode.py "$@" 2>&1 | tee "$OUT/decode.log" ;;
   mx) python3 -m pytest -q -p no:cacheprovider tests/kernels/test_mx_triton.py 2>&1 \
