@@ -224,37 +224,6 @@ def test_every_multi_row_gemv_tile(fmt, m):
         assert_matches_linear(out, x, w, bias)
 
 
-def test_split_options_allow_uneven_splits():
-    """K = 14336 gives 7 (or 14) K steps: splits no longer need to divide them, but none may
-    be left without a step."""
-    from lowbit.kernels.triton.weight_only import split_options
-
-    assert split_options(1, 7, 10**6) == [1, 2, 4]
-    assert split_options(1, 9, 10**6) == [1, 2]  # 4 splits of ceil(9 / 4) = 3 leave one empty
-    assert split_options(1, 16, 10**6) == [1, 2, 4, 8, 16]
-    assert split_options(100, 16, 150) == [1, 2]  # enough programs already
-
-
-@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
-def test_uneven_k_splits(fmt):
-    """3 K steps in 2 splits (2 + 1) through the GEMV, the multi-row GEMV and the GEMM."""
-    from lowbit.kernels.triton import weight_only as wo
-
-    n, g = 40, 64
-    step = 128 if fmt == "int4" else 64  # k per step of a 16-word GEMV row (and of the GEMM)
-    k = 3 * step
-    for m, cfg in ((1, wo.GemvCfg(4, 16, 1, 1, split=2)),
-                   (2, wo.GemvCfg(4, 16, 1, 1, split=2, bm=2)),
-                   (5, wo.GemmCfg(16, 32, step, 4, 2, split=2))):
-        x = make_x(m, k, torch.bfloat16)
-        words, scale, zero, code, w = _weights(fmt, n, k, g, torch.bfloat16)
-        bias = maybe_bias(n, torch.bfloat16, True)
-        out = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
-        launch = wo._gemv_launch if isinstance(cfg, wo.GemvCfg) else wo._gemm_launch
-        launch(cfg, False, x, words, scale, zero, bias, out, code, k // scale.shape[1])
-        assert_matches_linear(out, x, w, bias)
-
-
 def test_fp8_decodes_every_code():
     """All 254 finite e4m3 codes (subnormals, both zeros, +-448) through the bit-trick decode."""
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)

@@ -90,18 +90,6 @@ def test_kernels_small(bits, g, zero, dtype, cfg):
     check(run_cfg(cfg, x, sw, bias), x, sw, bias)
 
 
-@pytest.mark.parametrize("bits", [0, 4, 8])
-def test_uneven_k_splits(bits):
-    """3 K steps of 64 in 2 splits (2 + 1): the last split runs the remainder."""
-    n, k = 24, 192
-    sw = make(n, k, bits, 64, torch.bfloat16, "int")
-    bias = torch.randn(n, device=DEVICE).to(torch.bfloat16)
-    for m, cfg in ((1, tk.SparseCfg("gemv", 1, 8, 64, 1, 1, split=2)),
-                   (3, tk.SparseCfg("dot", 16, 16, 64, 1, 1, split=2))):
-        x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
-        check(run_cfg(cfg, x, sw, bias), x, sw, bias)
-
-
 @pytest.mark.parametrize("m", [1, 20])
 def test_dispatch_entry_point(m):
     """sparse24_mm end to end: layout checks, candidate list, and the first candidate (what the

@@ -17,7 +17,6 @@ from .weight_only import (
     gemm_candidates,
     launch_kernel,
     m_bucket,
-    split_range,
     splitk_reduce,
     store_tile,
 )
@@ -61,7 +60,7 @@ def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 @triton.jit
 def _int8_gemm_kernel(
     a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr,
-    M, N, ITERS, TOTAL, stride_am, stride_bn,
+    M, N, ITERS, stride_am, stride_bn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
 ):
@@ -84,8 +83,8 @@ def _int8_gemm_kernel(
     a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
     acc = tl.zeros((BM, BN), tl.int32)
-    it0, steps = split_range(pid_k, ITERS, TOTAL)
-    for step in range(steps):
+    it0 = pid_k * ITERS
+    for step in range(ITERS):
         it = it0 + step
         a = tl.load(a_ptrs + it * BK, mask=mmask[:, None], other=0)
         b = tl.load(b_ptrs + it * BK, mask=nmask[:, None], other=0)
@@ -117,7 +116,7 @@ def _int8_mm_launch(cfg: GemmCfg, compile_only: bool, xq, x_scale, qdata, w_scal
     launch_kernel(
         _int8_gemm_kernel, grid, compile_only,
         xq, qdata, x_scale, w_scale, bias if bias is not None else out, dest,
-        m, n, triton.cdiv(k // cfg.bk, cfg.split), k // cfg.bk, xq.stride(0), qdata.stride(0),
+        m, n, k // cfg.bk // cfg.split, xq.stride(0), qdata.stride(0),
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=8,
         HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1,
         num_warps=cfg.warps, num_stages=cfg.stages,

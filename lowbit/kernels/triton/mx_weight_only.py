@@ -47,7 +47,6 @@ from .weight_only import (
     m_bucket,
     num_sms,
     split_options,
-    split_range,
     splitk_reduce,
     store_tile,
 )
@@ -195,7 +194,7 @@ def _unit_words(U: tl.constexpr, WPU: tl.constexpr):
 @triton.jit
 def _mx_gemv_kernel(
     x_ptr, w_ptr, s_ptr, ts_ptr, b_ptr, out_ptr,
-    N, WORDS, stride_s, ITERS, TOTAL,
+    N, WORDS, stride_s, ITERS,
     ELEM: tl.constexpr, NV: tl.constexpr, SHIFT: tl.constexpr, BN: tl.constexpr,
     U: tl.constexpr, UPG: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     STAGES: tl.constexpr, ASM: tl.constexpr,
@@ -223,8 +222,8 @@ def _mx_gemv_kernel(
                   + tl.arange(0, 4)[None, :, None] * CPU + tl.arange(0, CPU)[None, None, :])
     s_ptrs = s_ptr + offs_n[:, None] * stride_s + tl.arange(0, G)[None, :]
     acc = tl.zeros((BN, G), tl.float32)
-    it0, steps = split_range(pid_k, ITERS, TOTAL)
-    for step in tl.range(0, steps, num_stages=STAGES):
+    it0 = pid_k * ITERS
+    for step in tl.range(0, ITERS, num_stages=STAGES):
         it = it0 + step
         wp = w_ptrs + it * (U * WPU)
         w0 = tl.load(wp, mask=nmask[:, None], other=0)
@@ -263,10 +262,8 @@ def _mx_gemv_kernel(
 
 
 def _check_split(k: int, bk: int, split: int) -> None:
-    steps = k // bk
-    if k % bk or (split - 1) * triton.cdiv(steps, split) >= steps:
-        raise ValueError(f"K={k} is not a whole number of {bk}-wide K steps, or too few of them "
-                         f"for {split} non-empty K splits")
+    if k % (bk * split):
+        raise ValueError(f"K={k} is not a whole number of {split} x {bk}-wide K steps")
 
 
 def _gemv_units(cfg: GemvCfg, k: int, elem: int) -> int:
@@ -296,8 +293,7 @@ def _gemv_launch(cfg: GemvCfg, compile_only: bool, x, words, scale, ts, bias, ou
     launch_kernel(
         _mx_gemv_kernel, (triton.cdiv(n, cfg.bn), cfg.split), compile_only,
         x, words, scale, ts, bias if bias is not None else out, dest,
-        n, words.stride(0), scale.stride(0), triton.cdiv(k // (units * cpu), cfg.split),
-        k // (units * cpu),
+        n, words.stride(0), scale.stride(0), k // (units * cpu) // cfg.split,
         ELEM=elem, NV=nv, SHIFT=_SCALE_SHIFT[elem], BN=cfg.bn, U=units, UPG=block // cpu,
         HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1, STAGES=cfg.stages,
         ASM=x.device.type == "cuda", num_warps=cfg.warps,
@@ -314,7 +310,7 @@ def _gemv_launch(cfg: GemvCfg, compile_only: bool, x, words, scale, ts, bias, ou
 @triton.jit
 def _mx_gemm_kernel(
     x_ptr, w_ptr, s_ptr, ts_ptr, b_ptr, out_ptr,
-    M, N, WORDS, stride_xm, stride_s, ITERS, TOTAL,
+    M, N, WORDS, stride_xm, stride_s, ITERS,
     ELEM: tl.constexpr, NV: tl.constexpr, SHIFT: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, G: tl.constexpr, UPG: tl.constexpr, HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr,
@@ -346,8 +342,8 @@ def _mx_gemm_kernel(
         acc = tl.zeros((BN, BM), tl.float32)
     else:
         acc = tl.zeros((BM, BN), tl.float32)
-    it0, steps = split_range(pid_k, ITERS, TOTAL)
-    for step in range(steps):
+    it0 = pid_k * ITERS
+    for step in range(ITERS):
         it = it0 + step
         xt = tl.load(x_ptrs + it * BK, mask=mmask[:, None], other=0.0)
         wp = w_ptrs + it * (G * UPG * WPU)
@@ -380,8 +376,7 @@ def _gemm_launch(cfg: GemmCfg, compile_only: bool, x, words, scale, ts, bias, ou
     launch_kernel(
         _mx_gemm_kernel, (triton.cdiv(n, cfg.bn), cfg.split), compile_only,
         x, words, scale, ts, bias if bias is not None else out, dest,
-        m, n, words.stride(0), x.stride(0), scale.stride(0), triton.cdiv(k // cfg.bk, cfg.split),
-        k // cfg.bk,
+        m, n, words.stride(0), x.stride(0), scale.stride(0), k // cfg.bk // cfg.split,
         ELEM=elem, NV=nv, SHIFT=_SCALE_SHIFT[elem], BM=cfg.bm, BN=cfg.bn, G=cfg.bk // block,
         UPG=block // _CODES_PER_UNIT[elem], HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1,
         DOT_F32=x.dtype == torch.float32 or x.device.type != "cuda",

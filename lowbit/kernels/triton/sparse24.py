@@ -39,7 +39,6 @@ from .weight_only import (
     num_sms,
     param_words,
     split_options,
-    split_range,
     splitk_reduce,
     store_tile,
 )
@@ -147,7 +146,7 @@ def _dense_tile(v0, v1, nib):
 @triton.jit
 def _gemv_kernel(
     x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, g, VROW, MROW, stride_s, stride_xm, ITERS, TOTAL,
+    M, N, g, VROW, MROW, stride_s, stride_xm, ITERS,
     FMT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr,
     STAGES: tl.constexpr, PAIRS: tl.constexpr,
@@ -162,8 +161,8 @@ def _gemv_kernel(
     mmask = offs_m < M
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BK)[None, :]
     acc = tl.zeros((BM, BN, BK // 4), tl.float32)
-    it0, steps = split_range(pid_k, ITERS, TOTAL)
-    for step in tl.range(0, steps, num_stages=STAGES):
+    it0 = pid_k * ITERS
+    for step in tl.range(0, ITERS, num_stages=STAGES):
         k0 = (it0 + step) * BK
         v0, v1, nib, s = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
                                     stride_s, FMT, HAS_ZERO, BK, NG, PAIRS)
@@ -190,7 +189,7 @@ def _gemv_kernel(
 @triton.jit
 def _dot_kernel(
     x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, g, VROW, MROW, stride_s, stride_xm, ITERS, TOTAL,
+    M, N, g, VROW, MROW, stride_s, stride_xm, ITERS,
     FMT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr,
     STAGES: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr, PAIRS: tl.constexpr,
@@ -212,8 +211,8 @@ def _dot_kernel(
         acc = tl.zeros((BN, BM), tl.float32)
     else:
         acc = tl.zeros((BM, BN), tl.float32)
-    it0, steps = split_range(pid_k, ITERS, TOTAL)
-    for step in tl.range(0, steps, num_stages=STAGES):
+    it0 = pid_k * ITERS
+    for step in tl.range(0, ITERS, num_stages=STAGES):
         k0 = (it0 + step) * BK
         v0, v1, nib, s = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
                                     stride_s, FMT, HAS_ZERO, BK, NG, PAIRS)
@@ -342,10 +341,10 @@ def _kernel_launch(cfg: SparseCfg, compile_only: bool, x: torch.Tensor, w: _Weig
     dest = out if cfg.split == 1 else torch.empty(
         (cfg.split, m, n), device=out.device, dtype=torch.float32)
     ng = max(1, cfg.bk // w.g)
-    total = k // cfg.bk
+    iters = k // cfg.bk // cfg.split
     common = (x, w.values, w.meta_words, w.scale, w.zero, bias if bias is not None else out, dest,
               m, n, w.g, w.values.stride(0), w.meta_words.stride(0), w.scale.stride(0),
-              x.stride(0), triton.cdiv(total, cfg.split), total)
+              x.stride(0), iters)
     meta = dict(FMT=w.fmt, HAS_ZERO=w.has_zero, HAS_BIAS=bias is not None,
                 PARTIAL=cfg.split > 1, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, NG=ng,
                 STAGES=cfg.stages, PAIRS=w.pairs, num_warps=cfg.warps)

@@ -161,22 +161,13 @@ def launch_kernel(kernel, grid: tuple, compile_only: bool, *args, **kwargs) -> N
 
 
 def split_options(tiles: int, iters: int, target: int, limit: int = 16) -> list[int]:
-    """K splits worth timing: 1, then powers of two, until the programs reach ~target (a split's
-    fp32 partial sums cost traffic, so the tuner weighs each). A split need not divide the K
-    loop (K = 14336 is 7 x 2048): each runs ceil(iters / split) steps and the last one the rest
-    (see `split_range`), as long as none is left empty."""
+    """K splits worth timing: 1, then powers of two that divide the K loop, until the programs
+    reach ~target (a split's fp32 partial sums cost traffic, so the tuner weighs each)."""
     splits = [1]
-    while (splits[-1] * 2 <= limit and tiles * splits[-1] < target
-           and (splits[-1] * 2 - 1) * triton.cdiv(iters, splits[-1] * 2) < iters):
+    while (splits[-1] * 2 <= limit and iters % (splits[-1] * 2) == 0
+           and tiles * splits[-1] < target):
         splits.append(splits[-1] * 2)
     return splits
-
-
-@triton.jit
-def split_range(pid_k, ITERS, TOTAL):
-    """(first K step, number of steps) of K split pid_k: ITERS steps each of TOTAL in all."""
-    it0 = pid_k * ITERS
-    return it0, tl.minimum(ITERS, TOTAL - it0)
 
 
 def fit_k_block(block: int, k: int, g: int, minimum: int) -> int:
@@ -473,7 +464,7 @@ def _gemv_step(words, xv, s, z, FMT: tl.constexpr, ASM: tl.constexpr, NG: tl.con
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    N, g, WORDS, ITERS, TOTAL, stride_s,
+    N, g, WORDS, ITERS, stride_s,
     FMT: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
     PAIRS: tl.constexpr, ONE_GROUP: tl.constexpr,
@@ -497,8 +488,8 @@ def _gemv_kernel(
     acc = tl.zeros((BN, NG), tl.float32)
     if ONE_GROUP:  # one scale (and zero) per row: read once, not every step
         s_row, z_row = _group_params(s_ptrs, z_ptrs, offs_j * 0, nmask[:, None], PAIRS, FMT == 0)
-    it0, steps = split_range(pid_k, ITERS, TOTAL)
-    for step in tl.range(0, steps, num_stages=STAGES):
+    it0 = pid_k * ITERS
+    for step in tl.range(0, ITERS, num_stages=STAGES):
         it = it0 + step
         words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None], other=0)
         k0 = it * BKW * CPW
@@ -521,7 +512,7 @@ def _gemv_kernel(
 @triton.jit
 def _gemv_rows_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, g, WORDS, ITERS, TOTAL, stride_s, stride_xm,
+    M, N, g, WORDS, ITERS, stride_s, stride_xm,
     FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
     WPG: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
     ASM: tl.constexpr, PAIRS: tl.constexpr, ONE_GROUP: tl.constexpr,
@@ -549,8 +540,8 @@ def _gemv_rows_kernel(
     acc = tl.zeros((BM, BN, NG), tl.float32)
     if ONE_GROUP:  # one scale (and zero) per row: read once, not every step
         s_row, z_row = _group_params(s_ptrs, z_ptrs, offs_j * 0, nmask[:, None], PAIRS, FMT == 0)
-    it0, steps = split_range(pid_k, ITERS, TOTAL)
-    for step in tl.range(0, steps, num_stages=STAGES):
+    it0 = pid_k * ITERS
+    for step in tl.range(0, ITERS, num_stages=STAGES):
         it = it0 + step
         words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None], other=0)
         k0 = it * BKW * CPW
@@ -648,16 +639,15 @@ def _gemv_launch(cfg: GemvCfg, compile_only: bool, x, words, scale, zero, bias, 
                 PARTIAL=cfg.split > 1, STAGES=cfg.stages, ASM=x.device.type == "cuda",
                 PAIRS=pairs, ONE_GROUP=one_group, num_warps=cfg.warps)
     grid = (triton.cdiv(n, cfg.bn), cfg.split)
-    total = k // kb
-    iters = triton.cdiv(total, cfg.split)
+    iters = k // kb // cfg.split
     if cfg.bm == 1:
         assert m == 1, m
         launch_kernel(_gemv_kernel, grid, compile_only, *common,
-                      n, g, words.stride(0), iters, total, scale.stride(0), **meta)
+                      n, g, words.stride(0), iters, scale.stride(0), **meta)
     else:
         assert m <= cfg.bm, (m, cfg.bm)
         launch_kernel(_gemv_rows_kernel, grid, compile_only, *common,
-                      m, n, g, words.stride(0), iters, total, scale.stride(0), x.stride(0),
+                      m, n, g, words.stride(0), iters, scale.stride(0), x.stride(0),
                       BM=cfg.bm, **meta)
     if cfg.split > 1 and not compile_only:
         splitk_reduce(dest, bias, out)
@@ -679,7 +669,7 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr):
 @triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, g, WORDS, ITERS, TOTAL, stride_xm, stride_s,
+    M, N, g, WORDS, ITERS, stride_xm, stride_s,
     FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
     WPG: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, PAIRS: tl.constexpr,
@@ -724,8 +714,8 @@ def _gemm_kernel(
         acc = tl.zeros((BM, BN), tl.float32)
     if ONE_GROUP:  # one scale (and zero) per row: read once, not every step
         s_row, z_row = _group_params(s_ptrs, z_ptrs, offs_j * 0, nmask[:, None], PAIRS, FMT == 0)
-    it0, steps = split_range(pid_k, ITERS, TOTAL)
-    for step in range(steps):
+    it0 = pid_k * ITERS
+    for step in range(ITERS):
         it = it0 + step
         xt = tl.load(x_ptrs + it * BK, mask=mmask[:, None], other=0.0)
         words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None, None], other=0)
@@ -810,8 +800,7 @@ def _gemm_launch(cfg: GemmCfg, compile_only: bool, x, words, scale, zero, bias, 
     launch_kernel(
         _gemm_kernel, grid, compile_only,
         x, words, scale, zero, bias if bias is not None else out, dest,
-        m, n, g, words.stride(0), triton.cdiv(k // cfg.bk, cfg.split), k // cfg.bk, x.stride(0),
-        scale.stride(0),
+        m, n, g, words.stride(0), k // cfg.bk // cfg.split, x.stride(0), scale.stride(0),
         FMT=fmt, BM=cfg.bm, BN=cfg.bn, NG=cfg.bk // gk, WPG=gk // cpw, GROUP_M=8,
         HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1,
         DOT_F32=x.dtype == torch.float32 or x.device.type != "cuda", ASM=x.device.type == "cuda",
