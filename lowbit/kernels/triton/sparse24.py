@@ -6,8 +6,8 @@ Every kernel loads, per tile of BK logical columns, BK/2 kept values and BK/32 m
 per row, decodes the kept positions with shifts and masks, and never touches a zero:
 
 * `_gemv_kernel` (CUDA cores; M <= 16): per group of 4 columns the two kept values meet the
-  activation each one belongs to, picked from the 4 activations of the group by 2-3 selects
-  in registers; BM rows of x share every weight load.
+  activation each one belongs to, picked from the 4 activations of the group by two selects
+  on bits of the metadata nibble; BM rows of x share every weight load.
 * `_dot_kernel` (tensor cores; 1 < M <= 64): the tile is expanded in registers to dense
   [BN, BK] (zeros where pruned) and multiplied with `tl.dot`.
 * `_expand_kernel`: writes the dense weight once; for large M, "expand, then the dense cuBLAS

@@ -595,6 +595,8 @@ _GEMV_TILES = (
     GemvCfg(16, 256, 2, 2),
     GemvCfg(8, 512, 4, 2),
 )
+
+
 # Several rows of x (2 <= M <= 4): each thread keeps BM x 32 activations and BM x BN x 4 word
 # sums. The tuner weighs these against tl.dot; on the H200 they win for int8 and fp8 at M = 2
 # (7-33% faster) and on the small 4096x1024 layer at M = 4, never for int4 beyond M = 1, and
