@@ -125,7 +125,7 @@ def _first_of_each_kind(candidates) -> list:
     return list(kinds.values())
 
 
-def _launch_every_kind(self, key, candidates, launch, device) -> None:
+def _launch_every_kind(self, key, candidates, launch, device, check=None) -> None:
     for cand in _first_of_each_kind(candidates):
         launch(cand, False)
 

@@ -202,7 +202,7 @@ def test_swapped_gemm_tiles(fmt):
         assert_matches_linear(out, x, w, bias)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("m", [2, 3, 4])
 def test_every_multi_row_gemv_tile(fmt, m):
     """Every multi-row GEMV candidate of M's bucket (the tuner weighs them against tl.dot on the
@@ -215,13 +215,29 @@ def test_every_multi_row_gemv_tile(fmt, m):
     words, scale, zero, code, w = _weights(fmt, n, k, g, torch.bfloat16)
     g = k // scale.shape[1]
     bias = maybe_bias(n, torch.bfloat16, True)
-    tiles = wo._gemv_candidates(x, n, k, g, wo._CODES_PER_WORD[code])
+    tiles = wo._gemv_candidates(x, n, k, g, code)
     assert tiles and all(t.bm == wo.m_bucket(m) for t in tiles)
     # K is too short for the tuned steps to split: a narrow step splits it in two.
     for cfg in [*tiles, wo.GemvCfg(4, 16, 1, 1, split=2, bm=wo.m_bucket(m))]:
         out = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
         wo._gemv_launch(cfg, False, x, words, scale, zero, bias, out, code, g)
         assert_matches_linear(out, x, w, bias)
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_int4_has_no_multi_row_gemv(m):
+    """int4 at M > 1 goes to the tl.dot tiles only: its multi-row GEMV never won and came out
+    wrong compiled at small K on the H200, so it must not be offered or launched."""
+    from lowbit.kernels.triton import weight_only as wo
+
+    k, n = 256, 40
+    x = make_x(m, k, torch.bfloat16)
+    words, scale, zero, code, _ = _weights("int4", n, k, 64, torch.bfloat16)
+    assert wo._gemv_candidates(x, n, k, 64, code) == []
+    out = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(AssertionError):
+        wo._gemv_launch(wo.GemvCfg(4, 128, 1, 1, bm=wo.m_bucket(m)), False, x, words, scale,
+                        zero, None, out, code, 64)
 
 
 def test_fp8_decodes_every_code():
@@ -324,7 +340,7 @@ def test_fp8_full_size(m):
 
 
 def _check_every_tile(m, fmt, tiles_of, launch_name):
-    """Run every tile tiles_of(x, g, codes per word) gives on a full-size layer with
+    """Run every tile tiles_of(x, g, format code) gives on a full-size layer with
     weight_only.<launch_name>, each against the float reference."""
     from lowbit.kernels.triton import weight_only as wo
 
@@ -333,7 +349,7 @@ def _check_every_tile(m, fmt, tiles_of, launch_name):
     bias = maybe_bias(N_FULL, torch.bfloat16, True)
     ref = linear_ref(x, w, bias)
     g = K_FULL // scale.shape[1]
-    tiles = tiles_of(x, g, wo._CODES_PER_WORD[code])
+    tiles = tiles_of(x, g, code)
     assert tiles
     for cfg in tiles:
         out = torch.empty(m, N_FULL, device=DEVICE, dtype=torch.bfloat16)
@@ -349,7 +365,7 @@ def test_every_swapped_gemm_tile(m, fmt):
     """Every swapped GEMM candidate of the small-M buckets, not only the tuner's winner."""
     from lowbit.kernels.triton import weight_only as wo
 
-    def swapped(x, g, cpw):
+    def swapped(x, g, code):
         return [t for t in wo.gemm_candidates(wo._GEMM_TILES, x, N_FULL, K_FULL, g, 32) if t.swap]
 
     _check_every_tile(m, fmt, swapped, "_gemm_launch")
@@ -358,12 +374,12 @@ def test_every_swapped_gemm_tile(m, fmt):
 @pytest.mark.cuda
 @needs_gpu
 @pytest.mark.parametrize("m", [2, 3, 4])
-@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_every_multi_row_gemv_tile_full_size(m, fmt):
     """Every multi-row GEMV candidate of M's bucket, compiled, on a full-size layer."""
     from lowbit.kernels.triton import weight_only as wo
 
-    _check_every_tile(m, fmt, lambda x, g, cpw: wo._gemv_candidates(x, N_FULL, K_FULL, g, cpw),
+    _check_every_tile(m, fmt, lambda x, g, code: wo._gemv_candidates(x, N_FULL, K_FULL, g, code),
                       "_gemv_launch")
 
 
@@ -452,6 +468,52 @@ def test_tuner_warns_about_candidates_that_do_not_compile():
     with pytest.warns(RuntimeWarning, match="broken.*does not compile"):
         ok = runnable(["a", "too-big", "broken", "b"], launch)
     assert ok == ["a", "b"] and launched == ["a", "b"]
+
+
+def test_tuner_drops_candidates_with_wrong_results():
+    """A candidate whose output fails the reference check is never timed or picked; if every
+    candidate that ran is wrong, the call fails instead of returning one of their outputs."""
+    from lowbit.kernels.triton.weight_only import runnable
+
+    last = []
+
+    def launch(cand, compile_only):
+        last[:] = [cand]
+
+    def check():
+        return not last[0].startswith("wrong")
+
+    with pytest.warns(RuntimeWarning, match="wrong-tile.*wrong results"):
+        assert runnable(["a", "wrong-tile", "b"], launch, check) == ["a", "b"]
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="every Triton candidate"):
+        runnable(["wrong-1", "wrong-2"], launch, check)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
+def test_tuner_check_tells_right_from_wrong_output(fmt):
+    """The check the tuner runs on each candidate: passes the kernel's own output, fails it
+    once one tile of output columns is off (as a miscompiled or mis-masked tile would be)."""
+    from lowbit.kernels.triton import weight_only as wo
+
+    m, k, n, g = 2, 256, 600, 64  # n > 2 x 256: the check reads the first and last columns
+    x = make_x(m, k, torch.bfloat16)
+    words, scale, zero, code, w = _weights(fmt, n, k, g, torch.bfloat16)
+    qdata = {"int4": words.view(torch.uint8), "int8": words.view(torch.int8),
+             "fp8": words.view(torch.float8_e4m3fn)}[fmt]
+    zero = zero if fmt == "int4" else None
+    bias = maybe_bias(n, torch.bfloat16, True)
+    out = linear_ref(x, w, bias).to(torch.bfloat16)
+    assert wo._matches_reference(out, x, qdata, scale, zero, bias, code)
+    for cols in (slice(0, 16), slice(n - 8, n)):
+        bad = out.clone()
+        bad[:, cols] = bad[:, cols] * 2 + 1
+        assert not wo._matches_reference(bad, x, qdata, scale, zero, bias, code), cols
+    middle = out.clone()  # columns the check does not read: cheap on huge layers, by design
+    middle[:, 300] = 1e4
+    assert wo._matches_reference(middle, x, qdata, scale, zero, bias, code)
+    nan_x = x.clone()
+    nan_x[0, 0] = float("nan")
+    assert wo._matches_reference(out, nan_x, qdata, scale, zero, bias, code)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ sizes, warps, stages and the K split are tuned per (M bucket, shape) by ``Tuner`
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from collections.abc import Callable, Hashable, Sequence
@@ -27,6 +28,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from lowbit.kernels import reference as ref
 
 INT4, INT8, FP8 = 0, 1, 2
 _CODES_PER_WORD = {INT4: 8, INT8: 4, FP8: 4}
@@ -67,7 +70,10 @@ class Tuner:
         self.timings: dict[Hashable, list[tuple[float, object]]] = {}
 
     def run(self, key: Hashable, candidates: Sequence, launch: Launch,
-            device: torch.device) -> None:
+            device: torch.device, check: Callable[[], bool] | None = None) -> None:
+        """Launch the best candidate for key, timing them all on the first call. `check`, if
+        given, says whether the output of the launch just made matches the reference; a timed
+        candidate that fails it is dropped with a warning."""
         best = self._best.get(key)
         if best is None:
             if (device.type != "cuda" or len(candidates) == 1
@@ -77,15 +83,16 @@ class Tuner:
                 launch(candidates[0], False)
                 return
             else:
-                self.timings[key] = self._time_all(candidates, launch, device)
+                self.timings[key] = self._time_all(candidates, launch, device, check)
                 best = min(self.timings[key], key=lambda p: p[0])[1]
             self._best[key] = best
         launch(best, False)
 
     @staticmethod
-    def _time_all(candidates: Sequence, launch: Launch,
-                  device: torch.device) -> list[tuple[float, object]]:
-        """(milliseconds, candidate) for each candidate that compiles and fits the GPU."""
+    def _time_all(candidates: Sequence, launch: Launch, device: torch.device,
+                  check: Callable[[], bool] | None) -> list[tuple[float, object]]:
+        """(milliseconds, candidate) for each candidate that compiles, fits the GPU and passes
+        the check."""
         with ThreadPoolExecutor(min(len(candidates), os.cpu_count() or 1)) as pool:
             for done in [pool.submit(launch, c, True) for c in candidates]:
                 done.exception()  # a candidate that cannot compile is skipped below
@@ -93,7 +100,7 @@ class Tuner:
         flush = torch.empty(l2_bytes // 2, device=device, dtype=torch.float32)  # 2x L2
         base = _graph_ms([flush.sum])
         timed = []
-        for cand in runnable(candidates, launch):
+        for cand in runnable(candidates, launch, check):
             run = functools.partial(launch, cand, False)
             try:
                 ms = _graph_ms([flush.sum, run]) - base
@@ -107,12 +114,15 @@ class Tuner:
         return dict(self._best)
 
 
-def runnable(candidates: Sequence, launch: Launch) -> list:
+def runnable(candidates: Sequence, launch: Launch,
+             check: Callable[[], bool] | None = None) -> list:
     """The candidates that launch (each run once, outside any capture, which also loads its
-    module). One that needs more of the GPU than it has is dropped quietly; one that fails to
-    compile is dropped with a warning: that is a kernel bug which only some tiles reach, and
-    silently skipping it once hid such a bug until a test launched every tile."""
-    ok = []
+    module) and whose output passes `check`. One that needs more of the GPU than it has is
+    dropped quietly; one that fails to compile or gives wrong numbers is dropped with a
+    warning: that is a kernel bug which only some tiles reach (silently skipping one once hid
+    such a bug until a test launched every tile). If candidates were checked and none passed,
+    that is an error, not a reason to run one of them."""
+    ok, wrong = [], []
     for cand in candidates:
         try:
             launch(cand, False)
@@ -122,7 +132,16 @@ def runnable(candidates: Sequence, launch: Launch) -> list:
             warnings.warn(f"lowbit: Triton launch candidate {cand} does not compile and is "
                           f"skipped by the tuner: {e}", RuntimeWarning, stacklevel=2)
             continue
+        if check is not None and not check():
+            warnings.warn(f"lowbit: Triton launch candidate {cand} gives wrong results here "
+                          "(checked against the reference) and is skipped by the tuner",
+                          RuntimeWarning, stacklevel=2)
+            wrong.append(cand)
+            continue
         ok.append(cand)
+    if wrong and not ok:
+        raise RuntimeError(f"lowbit: every Triton candidate that ran gave wrong results "
+                           f"({wrong}); please report this with the GPU and shapes")
     return ok
 
 
@@ -521,9 +540,12 @@ def _gemv_rows_kernel(
 
     At small M a tl.dot tile spends more on dequantizing and feeding the tensor cores than the
     few rows of x give back; here the weight words are streamed and decoded once, as in the GEMV,
-    and each code takes BM fused multiply-adds on the CUDA cores.
+    and each code takes BM fused multiply-adds on the CUDA cores. int8 and fp8 only: for int4 it
+    never beat tl.dot, and compiled for sm_90 at K = 128..256 its zero-point sums came out wrong
+    (right under the interpreter and at full size), so int4 has no such path.
     """
-    CPW: tl.constexpr = 8 if FMT == 0 else 4
+    tl.static_assert(FMT != 0, "the multi-row GEMV takes int8 and fp8 weights")
+    CPW: tl.constexpr = 4
     BKW: tl.constexpr = NG * WPG
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -536,35 +558,25 @@ def _gemv_rows_kernel(
     x_offs = _x_offsets(BKW, CPW)
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None, None, None] * stride_xm + x_offs[None, :, :, :]
     s_ptrs = s_ptr + offs_n[:, None] * stride_s
-    z_ptrs = z_ptr + offs_n[:, None] * stride_s
     acc = tl.zeros((BM, BN, NG), tl.float32)
-    if ONE_GROUP:  # one scale (and zero) per row: read once, not every step
-        s_row, z_row = _group_params(s_ptrs, z_ptrs, offs_j * 0, nmask[:, None], PAIRS, FMT == 0)
+    if ONE_GROUP:  # one scale per row: read once, not every step
+        s_row = _load_params(s_ptrs, offs_j * 0, nmask[:, None], PAIRS)
     it0 = pid_k * ITERS
     for step in tl.range(0, ITERS, num_stages=STAGES):
         it = it0 + step
         words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None], other=0)
         k0 = it * BKW * CPW
         if ONE_GROUP:
-            s, z = s_row, z_row
+            s = s_row
         else:
-            grp = (k0 + offs_j * (WPG * CPW)) // g
-            s, z = _group_params(s_ptrs, z_ptrs, grp, nmask[:, None], PAIRS, FMT == 0)
+            s = _load_params(s_ptrs, (k0 + offs_j * (WPG * CPW)) // g, nmask[:, None], PAIRS)
         xs = _positions(tl.load(x_ptrs + k0, mask=mmask[:, None, None, None], other=0.0)
                         .to(tl.float32), CPW)
         codes = _decode(words, FMT, ASM)
         t = tl.zeros((BM, BN, BKW), tl.float32)
-        xsum = tl.zeros((BM, BKW), tl.float32)
         for i in tl.static_range(CPW):
-            xi = tl.reshape(xs[i], (BM, BKW))
-            t += codes[i][None, :, :] * xi[:, None, :]
-            if FMT == 0:
-                xsum += xi
-        part = tl.sum(tl.reshape(t, (BM, BN, NG, WPG)), axis=3)
-        if FMT == 0:
-            xsum_g = tl.sum(tl.reshape(xsum, (BM, NG, WPG)), axis=2)
-            part -= (z + INT4_OFFSET)[None, :, :] * xsum_g[:, None, :]
-        acc += part * s[None, :, :]
+            t += codes[i][None, :, :] * tl.reshape(xs[i], (BM, BKW))[:, None, :]
+        acc += tl.sum(tl.reshape(t, (BM, BN, NG, WPG)), axis=3) * s[None, :, :]
     y = tl.sum(acc, axis=2)
     store_tile(out_ptr, b_ptr, y, offs_m, offs_n, mmask, nmask, M, N, pid_k, HAS_BIAS, PARTIAL)
 
@@ -599,8 +611,9 @@ _GEMV_TILES = (
 
 # Several rows of x (2 <= M <= 4): each thread keeps BM x 32 activations and BM x BN x 4 word
 # sums. The tuner weighs these against tl.dot; on the H200 they win for int8 and fp8 at M = 2
-# (7-33% faster) and on the small 4096x1024 layer at M = 4, never for int4 beyond M = 1, and
-# never at M = 8 or 16 (results/ops_small_m_rows.json), so larger buckets have none.
+# (7-33% faster) and on the small 4096x1024 layer at M = 4, never for int4 beyond M = 1 (so
+# int4 has none), and never at M = 8 or 16 (results/ops_small_m_rows.json), so larger buckets
+# have none.
 _GEMV_ROWS_TILES = {
     2: (GemvCfg(8, 128, 1, 3, bm=2), GemvCfg(4, 128, 1, 3, bm=2), GemvCfg(8, 256, 2, 3, bm=2),
         GemvCfg(16, 128, 1, 2, bm=2)),
@@ -613,10 +626,12 @@ def _gemv_k_block(cfg: GemvCfg, k: int, g: int, cpw: int) -> int:
     return fit_k_block(cfg.bkw * cpw, k, g, cpw)
 
 
-def _gemv_candidates(x: torch.Tensor, n: int, k: int, g: int, cpw: int) -> list[GemvCfg]:
-    """The M == 1 tiles, or those of x's M bucket (none above 4), each with its K splits."""
+def _gemv_candidates(x: torch.Tensor, n: int, k: int, g: int, fmt: int) -> list[GemvCfg]:
+    """The M == 1 tiles, or those of x's M bucket (none above 4, none for int4), each with its
+    K splits."""
     m = x.shape[0]
-    if m > 1 and m_bucket(m) not in _GEMV_ROWS_TILES:
+    cpw = _CODES_PER_WORD[fmt]
+    if m > 1 and (fmt == INT4 or m_bucket(m) not in _GEMV_ROWS_TILES):
         return []
     cands = []
     for cfg in _GEMV_TILES if m == 1 else _GEMV_ROWS_TILES[m_bucket(m)]:
@@ -647,7 +662,7 @@ def _gemv_launch(cfg: GemvCfg, compile_only: bool, x, words, scale, zero, bias, 
         launch_kernel(_gemv_kernel, grid, compile_only, *common,
                       n, g, words.stride(0), iters, scale.stride(0), **meta)
     else:
-        assert m <= cfg.bm, (m, cfg.bm)
+        assert m <= cfg.bm and fmt != INT4, (m, cfg.bm, fmt)
         launch_kernel(_gemv_rows_kernel, grid, compile_only, *common,
                       m, n, g, words.stride(0), iters, scale.stride(0), x.stride(0),
                       BM=cfg.bm, **meta)
@@ -826,7 +841,6 @@ def _weight_only_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     m, k = x.shape
     n = qdata.shape[0]
     g = k // scale.shape[1]
-    cpw = _CODES_PER_WORD[fmt]
     assert k % 32 == 0 and g % 32 == 0 and g * scale.shape[1] == k, (k, scale.shape)
     assert qdata.shape[1] * (2 if fmt == INT4 else 1) == k and scale.shape[0] == n
     assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
@@ -837,15 +851,16 @@ def _weight_only_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return out
+    check = functools.partial(_matches_reference, out, x, qdata, scale, zero, bias, fmt)
     if m == 1:
         key = ("gemv", fmt, x.dtype, n, k, g)
-        TUNER.run(key, _gemv_candidates(x, n, k, g, cpw),
+        TUNER.run(key, _gemv_candidates(x, n, k, g, fmt),
                   lambda c, co: _gemv_launch(c, co, x, words, scale, zero, bias, out, fmt, g),
-                  x.device)
+                  x.device, check)
     else:
         key = ("gemm", fmt, x.dtype, m_bucket(m), n, k, g)
         cands: list = gemm_candidates(_GEMM_TILES, x, n, k, g, 32)
-        cands += _gemv_candidates(x, n, k, g, cpw)
+        cands += _gemv_candidates(x, n, k, g, fmt)
         if m > _SPLIT_MAX_M:
             cands.append(DEQUANT_THEN_DENSE)
 
@@ -857,8 +872,40 @@ def _weight_only_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
             else:
                 _gemm_launch(c, compile_only, x, words, scale, zero, bias, out, fmt, g)
 
-        TUNER.run(key, cands, launch, x.device)
+        TUNER.run(key, cands, launch, x.device, check)
     return out
+
+
+# A correct kernel differs from the fp32 reference by rounding the weights and the output to
+# the activation dtype: ~50 dB in bf16 (tests/kernels), more in fp16 and fp32. A wrong tile
+# (a miscompile, a bad mask) gives ~0 dB. 30 dB separates the two with room on both sides.
+TUNER_CHECK_MIN_SQNR_DB = 30.0
+
+
+def _matches_reference(out, x, qdata, scale, zero, bias, fmt: int, rows: int = 256) -> bool:
+    """Whether out's first and last `rows` columns match the reference linear (the tuner's
+    check of each candidate, run once per shape; two slices keep it cheap on huge layers while
+    covering the first tiles and the masked last one)."""
+    n = out.shape[1]
+    cols = torch.arange(n, device=out.device)
+    if n > 2 * rows:
+        cols = torch.cat((cols[:rows], cols[-rows:]))
+    if fmt == INT4:
+        w = ref.intx_weight(qdata[cols], scale[cols], zero[cols], 4, torch.float32)
+    elif fmt == INT8:
+        w = ref.int8_weight(qdata[cols], scale[cols], torch.float32)
+    else:
+        w = ref.fp8_weight(qdata[cols], scale[cols], torch.float32)
+    expected = x.float() @ w.t()
+    if bias is not None:
+        expected += bias[cols].float()
+    noise = (out[:, cols].float() - expected).pow(2).sum().item()
+    signal = expected.pow(2).sum().item()
+    if not math.isfinite(signal):  # NaN or Inf in x: nothing to judge the kernel by
+        return True
+    if noise == 0:
+        return True
+    return signal > 0 and 10 * math.log10(signal / noise) >= TUNER_CHECK_MIN_SQNR_DB
 
 
 # Tuner candidate for large M: decode the weight once, then the dense cuBLAS GEMM.
