@@ -22,12 +22,14 @@ import copy
 import functools
 import gc
 import math
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -254,7 +256,14 @@ def main() -> None:
     p.add_argument("--fuse-projections", action="store_true",
                    help="fuse wq/wk/wv and w1/w3 (lowbit.models.fuse_projections_) in the bf16 "
                         "model that every row, torchao's included, starts from")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="launch every kernel without programmatic dependent launch: lowbit's "
+                        "Triton kernels (LOWBIT_PDL=0) and inductor's (its default)")
     args = p.parse_args()
+    if args.no_pdl:
+        os.environ["LOWBIT_PDL"] = "0"
+    else:  # every config, bf16 included, gets inductor's PDL kernels
+        inductor_config.triton.enable_pdl = True
     if args.compile == "blocks" and args.graphs != "manual":
         p.error("--compile blocks needs --graphs manual")
     if args.profile:
@@ -313,6 +322,9 @@ def _save(args: argparse.Namespace, rows: list[dict]) -> Path:
                            "model": "llama3-8b dims", "compile": compiled,
                            "skip_guard_eval_unsafe": args.skip_guards,
                            "fused_projections": args.fuse_projections,
+                           "programmatic_dependent_launch": {
+                               "lowbit_kernels": os.environ.get("LOWBIT_PDL", "1") != "0",
+                               "inductor_kernels": bool(inductor_config.triton.enable_pdl)},
                            "peak_mem": "this model's weights, KV cache and activations; the bf16 "
                                        "source model kept for the next config is subtracted"}
     return write_result(args.out, {"conditions": cond, "rows": rows})

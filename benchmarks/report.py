@@ -14,7 +14,8 @@ RESULTS = HERE / "results"
 
 def _conditions(c: dict) -> str:
     keys = ["date", "gpu", "torch", "triton", "cuda", "torchao", "model", "layers", "prompt",
-            "new_tokens", "compile", "machine", "world_size"]
+            "new_tokens", "compile", "fused_projections", "programmatic_dependent_launch",
+            "machine", "world_size"]
     return "; ".join(f"{k}: {c[k]}" for k in keys if c.get(k) is not None)
 
 

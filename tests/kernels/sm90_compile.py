@@ -33,7 +33,13 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from lowbit.formats import mx  # noqa: E402
-from lowbit.kernels.triton import decode_attention, dynamic, mx_weight_only, sparse24  # noqa: E402
+from lowbit.kernels.triton import (  # noqa: E402
+    decode_attention,
+    dynamic,
+    mx_weight_only,
+    pdl,
+    sparse24,
+)
 from lowbit.kernels.triton import weight_only as wo  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -160,6 +166,7 @@ def main() -> None:
     JITFunction.run = lambda fn, *a, grid, warmup, **kw: recorder.run(
         original, fn, *a, grid=grid, warmup=warmup, **kw)
     wo.Tuner.run = _launch_every_kind
+    pdl.enabled = lambda t: True  # compile the programmatic-dependent-launch variants
     ops = {"int4": wo.int4_weight_only_mm, "int8": wo.int8_weight_only_mm,
            "fp8": wo.fp8_weight_only_mm}
     n = 256

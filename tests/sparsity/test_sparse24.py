@@ -120,7 +120,9 @@ def test_linear_matches_dense_masked(bits):
     ref = F.linear(x, sw.dequantize(), b)  # the dense-masked (and dequantized) weight
     assert torch.equal(F.linear(x, sw, b), ref)
     assert torch.equal(x @ sw.t() + b, ref)
-    assert torch.equal(torch.addmm(b, x[0], sw.t()), ref[0])
+    # the same call on the dense weight: a [3, 64] GEMM may round differently from the [6, 64]
+    # one behind ref, so ref[0] is not the bit-exact reference here
+    assert torch.equal(torch.addmm(b, x[0], sw.t()), torch.addmm(b, x[0], sw.dequantize().t()))
     if bits == 0:
         assert torch.equal(sw.dequantize(), w * magnitude_mask(w))
 

@@ -5,6 +5,7 @@ shapes, one launch configuration of each kernel at a time; the ``cuda`` tests ru
 dispatch (tuner included) on Llama-3-8B layer shapes.
 """
 
+import functools
 import os
 
 import pytest
@@ -176,3 +177,23 @@ def test_cusparselt_candidate(m):
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     out = run_cfg(tk.CUSPARSELT, x, sw, bias)
     check(out, x, sw, bias)
+
+
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_tuner_check_tells_right_from_wrong_output(bits):
+    """The reference check the tuner runs on each 2:4 candidate: the right output passes, one
+    with a wrong first or last tile of columns fails."""
+    from lowbit.kernels.triton.weight_only import matches_reference
+
+    n, k = 600, 128
+    sw = make(n, k, bits, 64, torch.bfloat16)
+    x = torch.randn(3, k, device=DEVICE).to(torch.bfloat16)
+    bias = torch.randn(n, device=DEVICE).to(torch.bfloat16)
+    reference = functools.partial(tk._reference_columns, x, sw.values, sw.meta, sw.scale,
+                                  sw.zero, bias, bits)
+    out = (x.float() @ sw.dequantize(torch.float32).T + bias.float()).to(torch.bfloat16)
+    assert matches_reference(out, reference)
+    for cols in (slice(0, 16), slice(n - 8, n)):
+        bad = out.clone()
+        bad[:, cols] = -bad[:, cols]
+        assert not matches_reference(bad, reference), cols

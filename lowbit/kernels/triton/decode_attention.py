@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import wait_for_inputs
 from .weight_only import num_sms
 
 BS = 64  # cache positions per tile
@@ -26,7 +28,7 @@ def _partial_kernel(
     KV_HEADS, SPLITS, CHUNK, scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, PDL: tl.constexpr,
 ):
     """Softmax-weighted sum over cache chunk `split` for the G query heads of one KV head:
     acc [GP, D] (unnormalized), running max m and sum l [GP], into the fp32 workspaces."""
@@ -36,6 +38,7 @@ def _partial_kernel(
     h = bh % KV_HEADS
     rows = tl.arange(0, GP)
     d = tl.arange(0, D)
+    wait_for_inputs(PDL)
     q = tl.load(q_ptr + b * stride_qb + (h * G + rows)[:, None] * stride_qh + d[None, :],
                 mask=(rows < G)[:, None], other=0.0)
     if DOT_F32:
@@ -75,7 +78,8 @@ def _partial_kernel(
 
 @triton.jit
 def _merge_kernel(acc_ptr, ml_ptr, out_ptr, KV_HEADS, SPLITS, stride_ob, stride_oh,
-                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):
+                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
+                  PDL: tl.constexpr):
     """out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s over the splits of one KV head
     (an empty split has m = -inf, l = 0 and weighs nothing)."""
     bh = tl.program_id(0)
@@ -85,6 +89,7 @@ def _merge_kernel(acc_ptr, ml_ptr, out_ptr, KV_HEADS, SPLITS, stride_ob, stride_
     rows = tl.arange(0, GP)
     d = tl.arange(0, D)
     ml = ml_ptr + bh * SPLITS * 2 * GP
+    wait_for_inputs(PDL)
     top = tl.max(tl.load(ml + (sp * 2 * GP)[:, None] + rows[None, :],
                          mask=(sp < SPLITS)[:, None], other=float("-inf")), axis=0)
     total = tl.zeros((GP, D), tl.float32)
@@ -131,11 +136,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q3, k, v, input_pos, acc, ml, kv_heads, splits, chunk, dim ** -0.5,
         q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        G=groups, GP=gp, D=dim, BS=BS, DOT_F32=exact_dot(q),
-        num_warps=4,
+        G=groups, GP=gp, D=dim, BS=BS, DOT_F32=exact_dot(q), num_warps=4, **pdl.options(q),
     )
     _merge_kernel[(batch * kv_heads,)](
         acc, ml, out, kv_heads, splits, out.stride(0), out.stride(1),
         G=groups, GP=gp, D=dim, SP=triton.next_power_of_2(splits), num_warps=4,
+        **pdl.options(q),
     )
     return out

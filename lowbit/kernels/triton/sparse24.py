@@ -36,6 +36,7 @@ from .weight_only import (
     fit_k_block,
     launch_kernel,
     m_bucket,
+    matches_reference,
     num_sms,
     param_words,
     split_options,
@@ -497,6 +498,19 @@ def pack_weights(values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor |
                     pairs)
 
 
+def _reference_columns(x, values, meta, scale, zero, bias, bits: int,
+                       cols: torch.Tensor) -> torch.Tensor:
+    """fp32 output columns `cols` of the reference sparse linear (the tuner's check)."""
+    from lowbit.kernels import sparse_ops
+
+    b = None if bias is None else bias[cols].float()
+    if bits == 0:
+        return sparse_ops.sparse24_linear_ref(x.float(), values[cols], meta[cols], b)
+    z = None if zero is None else zero[cols]
+    return sparse_ops.sparse24_intx_linear_ref(x.float(), values[cols], meta[cols], scale[cols],
+                                               z, b, bits)
+
+
 def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                 scale: torch.Tensor | None, zero: torch.Tensor | None,
                 bias: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -512,8 +526,10 @@ def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         return out
     key = ("sparse24", w.fmt, w.has_zero, x.dtype, m_bucket(m), n, k, w.g)
     first = key not in _SETTLED
+    check = functools.partial(matches_reference, out, functools.partial(
+        _reference_columns, x, values, meta, scale, zero, bias, bits))
     TUNER.run(key, candidates(x, n, k, w.g, w.fmt),
-              lambda c, co: launch(c, co, x, w, bias, out), x.device)
+              lambda c, co: launch(c, co, x, w, bias, out), x.device, check)
     if first:
         _SETTLED.add(key)
         if TUNER.chosen().get(key) != CUSPARSELT:

@@ -31,6 +31,9 @@ import triton.language as tl
 
 from lowbit.kernels import reference as ref
 
+from . import pdl
+from .pdl import wait_for_inputs
+
 INT4, INT8, FP8 = 0, 1, 2
 _CODES_PER_WORD = {INT4: 8, INT8: 4, FP8: 4}
 # launch(config, compile_only): run one candidate, or only compile it.
@@ -214,11 +217,12 @@ def store_tile(out_ptr, b_ptr, y, offs_m, offs_n, mmask, nmask, M, N, pid_k,
 
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out = sum over splits of ws[s] (+ bias), summed in split order so it is deterministic."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), tl.float32)
+    wait_for_inputs(PDL)
     for s in range(SPLIT):
         acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
@@ -232,7 +236,7 @@ def splitk_reduce(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
     block = 1024
     _splitk_reduce_kernel[(triton.cdiv(mn, block),)](
         ws, bias if bias is not None else out, out, mn, out.shape[-1], ws.shape[0],
-        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl.options(out),
     )
 
 
@@ -486,7 +490,7 @@ def _gemv_kernel(
     N, g, WORDS, ITERS, stride_s,
     FMT: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr,
     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-    PAIRS: tl.constexpr, ONE_GROUP: tl.constexpr,
+    PAIRS: tl.constexpr, ONE_GROUP: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[n] = sum_k x[k] w[n, k] for BN rows over ITERS blocks of NG groups x WPG words (see
     `_gemv_step`). Warps split the rows and each warp reads whole 512-byte row segments as
@@ -508,6 +512,7 @@ def _gemv_kernel(
     if ONE_GROUP:  # one scale (and zero) per row: read once, not every step
         s_row, z_row = _group_params(s_ptrs, z_ptrs, offs_j * 0, nmask[:, None], PAIRS, FMT == 0)
     it0 = pid_k * ITERS
+    wait_for_inputs(PDL)  # the weights and scales above may be read before it, x may not
     for step in tl.range(0, ITERS, num_stages=STAGES):
         it = it0 + step
         words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None], other=0)
@@ -534,7 +539,7 @@ def _gemv_rows_kernel(
     M, N, g, WORDS, ITERS, stride_s, stride_xm,
     FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
     WPG: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, STAGES: tl.constexpr,
-    ASM: tl.constexpr, PAIRS: tl.constexpr, ONE_GROUP: tl.constexpr,
+    ASM: tl.constexpr, PAIRS: tl.constexpr, ONE_GROUP: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[m, n] for up to BM rows of x: ``_gemv_kernel`` with each decoded weight reused BM times.
 
@@ -562,6 +567,7 @@ def _gemv_rows_kernel(
     if ONE_GROUP:  # one scale per row: read once, not every step
         s_row = _load_params(s_ptrs, offs_j * 0, nmask[:, None], PAIRS)
     it0 = pid_k * ITERS
+    wait_for_inputs(PDL)  # the weights and scales above may be read before it, x may not
     for step in tl.range(0, ITERS, num_stages=STAGES):
         it = it0 + step
         words = tl.load(w_ptrs + it * BKW, mask=nmask[:, None], other=0)
@@ -654,7 +660,7 @@ def _gemv_launch(cfg: GemvCfg, compile_only: bool, x, words, scale, zero, bias, 
     common = (x, words, scale, zero, bias if bias is not None else out, dest)
     meta = dict(FMT=fmt, BN=cfg.bn, NG=kb // gk, WPG=gk // cpw, HAS_BIAS=bias is not None,
                 PARTIAL=cfg.split > 1, STAGES=cfg.stages, ASM=x.device.type == "cuda",
-                PAIRS=pairs, ONE_GROUP=one_group, num_warps=cfg.warps)
+                PAIRS=pairs, ONE_GROUP=one_group, num_warps=cfg.warps, **pdl.options(x))
     grid = (triton.cdiv(n, cfg.bn), cfg.split)
     iters = k // kb // cfg.split
     if cfg.bm == 1:
@@ -690,7 +696,7 @@ def _gemm_kernel(
     FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
     WPG: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, PAIRS: tl.constexpr,
-    ONE_GROUP: tl.constexpr,
+    ONE_GROUP: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] w[n, k]: weight tiles dequantized in registers, then tl.dot.
 
@@ -732,6 +738,7 @@ def _gemm_kernel(
     if ONE_GROUP:  # one scale (and zero) per row: read once, not every step
         s_row, z_row = _group_params(s_ptrs, z_ptrs, offs_j * 0, nmask[:, None], PAIRS, FMT == 0)
     it0 = pid_k * ITERS
+    wait_for_inputs(PDL)
     for step in range(ITERS):
         it = it0 + step
         xt = tl.load(x_ptrs + it * BK, mask=mmask[:, None], other=0.0)
@@ -822,7 +829,7 @@ def _gemm_launch(cfg: GemmCfg, compile_only: bool, x, words, scale, zero, bias, 
         HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1,
         DOT_F32=x.dtype == torch.float32 or x.device.type != "cuda", ASM=x.device.type == "cuda",
         SWAP=cfg.swap, PAIRS=pairs, ONE_GROUP=one_group, num_warps=cfg.warps,
-        num_stages=cfg.stages,
+        num_stages=cfg.stages, **pdl.options(x),
     )
     if cfg.split > 1 and not compile_only:
         splitk_reduce(dest, bias, out)
@@ -851,7 +858,8 @@ def _weight_only_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return out
-    check = functools.partial(_matches_reference, out, x, qdata, scale, zero, bias, fmt)
+    check = functools.partial(matches_reference, out, functools.partial(
+        _reference_columns, x, qdata, scale, zero, bias, fmt))
     if m == 1:
         key = ("gemv", fmt, x.dtype, n, k, g)
         TUNER.run(key, _gemv_candidates(x, n, k, g, fmt),
@@ -882,14 +890,28 @@ def _weight_only_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
 TUNER_CHECK_MIN_SQNR_DB = 30.0
 
 
-def _matches_reference(out, x, qdata, scale, zero, bias, fmt: int, rows: int = 256) -> bool:
-    """Whether out's first and last `rows` columns match the reference linear (the tuner's
-    check of each candidate, run once per shape; two slices keep it cheap on huge layers while
-    covering the first tiles and the masked last one)."""
+def matches_reference(out: torch.Tensor, reference: Callable[[torch.Tensor], torch.Tensor],
+                      cols: int = 256) -> bool:
+    """Whether out [M, N] matches reference(columns) (the fp32 expected output at those
+    columns) on its first and last `cols` columns: the tuner's check of each candidate, run
+    once per shape; two slices keep it cheap on huge layers while covering the first tiles and
+    the masked last one."""
     n = out.shape[1]
-    cols = torch.arange(n, device=out.device)
-    if n > 2 * rows:
-        cols = torch.cat((cols[:rows], cols[-rows:]))
+    idx = torch.arange(n, device=out.device)
+    if n > 2 * cols:
+        idx = torch.cat((idx[:cols], idx[-cols:]))
+    expected = reference(idx)
+    noise = (out[:, idx].float() - expected).pow(2).sum().item()
+    signal = expected.pow(2).sum().item()
+    if not math.isfinite(signal):  # NaN or Inf in x: nothing to judge the kernel by
+        return True
+    if noise == 0:
+        return True
+    return signal > 0 and 10 * math.log10(signal / noise) >= TUNER_CHECK_MIN_SQNR_DB
+
+
+def _reference_columns(x, qdata, scale, zero, bias, fmt: int, cols: torch.Tensor) -> torch.Tensor:
+    """fp32 x @ w[cols]^T + bias[cols] from the reference dequantization."""
     if fmt == INT4:
         w = ref.intx_weight(qdata[cols], scale[cols], zero[cols], 4, torch.float32)
     elif fmt == INT8:
@@ -897,15 +919,7 @@ def _matches_reference(out, x, qdata, scale, zero, bias, fmt: int, rows: int = 2
     else:
         w = ref.fp8_weight(qdata[cols], scale[cols], torch.float32)
     expected = x.float() @ w.t()
-    if bias is not None:
-        expected += bias[cols].float()
-    noise = (out[:, cols].float() - expected).pow(2).sum().item()
-    signal = expected.pow(2).sum().item()
-    if not math.isfinite(signal):  # NaN or Inf in x: nothing to judge the kernel by
-        return True
-    if noise == 0:
-        return True
-    return signal > 0 and 10 * math.log10(signal / noise) >= TUNER_CHECK_MIN_SQNR_DB
+    return expected if bias is None else expected + bias[cols].float()
 
 
 # Tuner candidate for large M: decode the weight once, then the dense cuBLAS GEMM.
