@@ -24,7 +24,10 @@ class GraphedDecodeStep:
     `step_fn` is the decode function to capture, typically
     `torch.compile(decode_one_token, fullgraph=True)` (not mode="reduce-overhead": that one
     manages CUDA graphs itself). Capturing runs the step a few times, which writes the KV cache
-    at position 0, so the caches are zeroed afterwards: capture before the prefill.
+    at position 0, so the caches are zeroed afterwards: capture before the prefill. On Hopper,
+    compile with `torch._inductor.config.triton.enable_pdl = True`: lowbit's kernels already
+    launch with programmatic dependent launch, and with inductor's doing the same the kernel
+    boundaries of the captured step overlap (docs/decode-speed.md).
     """
 
     def __init__(

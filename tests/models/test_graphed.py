@@ -35,11 +35,12 @@ def test_needs_caches_first():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("config", [None, "int4-g128"])
+@pytest.mark.parametrize("config", [None, "int4-g64"])  # g64 divides the tiny model's K
 def test_graphed_generate_matches_plain(config):
     model = _model("cuda", torch.bfloat16)
     if config:
-        quantize_(model, preset(config), show_progress=False)
+        summary = quantize_(model, preset(config), show_progress=False)
+        assert summary.quantized and not summary.skipped
     prompt = torch.randint(0, TINY.vocab_size, (2, 5), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(0))
     compiled = torch.compile(decode_one_token, fullgraph=True)

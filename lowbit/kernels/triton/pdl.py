@@ -22,7 +22,8 @@ import triton.language as tl
 
 @functools.cache
 def _hopper_or_newer(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    """An NVIDIA GPU of compute capability 9.0 or more (ROCm also reports "cuda" devices)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def enabled(t: torch.Tensor) -> bool:
