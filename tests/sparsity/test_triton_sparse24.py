@@ -179,6 +179,23 @@ def test_cusparselt_candidate(m):
     check(out, x, sw, bias)
 
 
+@pytest.mark.parametrize(("env", "offered"), [(None, True), ("1", True), ("0", False)])
+def test_cusparselt_copies_can_be_refused(monkeypatch, env, offered):
+    """LOWBIT_CUSPARSELT=0 keeps float 2:4 layers to their compact weight at large M: no
+    cuSPARSELt candidate, so no second copy of the weight; expand-then-dense remains."""
+    from types import SimpleNamespace
+
+    if env is None:
+        monkeypatch.delenv("LOWBIT_CUSPARSELT", raising=False)
+    else:
+        monkeypatch.setenv("LOWBIT_CUSPARSELT", env)
+    monkeypatch.setattr(tk, "cusparselt_runs", lambda index, dtype: True)
+    x = SimpleNamespace(shape=(100, 4096), dtype=torch.bfloat16, is_cuda=True,
+                        device=torch.device("cuda", 0))
+    cands = tk.candidates(x, 1024, 4096, 4096, tk.FLOAT)
+    assert (tk.CUSPARSELT in cands) == offered and tk.EXPAND_THEN_DENSE in cands
+
+
 @pytest.mark.parametrize("bits", [0, 8, 4])
 def test_tuner_check_tells_right_from_wrong_output(bits):
     """The reference check the tuner runs on each 2:4 candidate: the right output passes, one

@@ -23,6 +23,7 @@ At small M a linear is bound by weight bytes: 2.25 instead of 4 bytes per 2 bf16
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -302,6 +303,15 @@ def _fit(cfg: SparseCfg, k: int, g: int) -> SparseCfg:
     return cfg._replace(bk=fit_k_block(cfg.bk, k, g, 64))
 
 
+def cusparselt_allowed() -> bool:
+    """Whether float 2:4 layers may keep a cuSPARSELt copy of their weight for large M
+    (LOWBIT_CUSPARSELT=0: no). The copy is as large as the compact weight, so a bf16 model
+    that uses it for its prefill holds about the dense model's bytes again (H200, 32 layers:
+    8.8 GiB of 2:4 weights, 17.1 GiB at peak); without it large M runs "expand, then dense",
+    slower than dense bf16, and the memory win stays."""
+    return os.environ.get("LOWBIT_CUSPARSELT", "1") != "0"
+
+
 def candidates(x: torch.Tensor, n: int, k: int, g: int, fmt: int) -> list:
     m = x.shape[0]
     cands: list = []
@@ -320,7 +330,8 @@ def candidates(x: torch.Tensor, n: int, k: int, g: int, fmt: int) -> list:
     if m > 16:
         cands.append(EXPAND_THEN_DENSE)
     if (m > SMALL_M and fmt == FLOAT and x.dtype in (torch.bfloat16, torch.float16)
-            and x.is_cuda and cusparselt_runs(x.device.index or 0, x.dtype)):
+            and cusparselt_allowed() and x.is_cuda and cusparselt_runs(x.device.index or 0,
+                                                                      x.dtype)):
         cands.append(CUSPARSELT)
     return list(dict.fromkeys(cands))
 
