@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, conditions, model_bytes, torchao_configs, write_result  # noqa: E402
 
+from lowbit.kernels.triton import pdl  # noqa: E402
 from lowbit.models import (  # noqa: E402
     GraphedDecodeStep,
     ModelArgs,
@@ -323,7 +324,7 @@ def _save(args: argparse.Namespace, rows: list[dict]) -> Path:
                            "skip_guard_eval_unsafe": args.skip_guards,
                            "fused_projections": args.fuse_projections,
                            "programmatic_dependent_launch": {
-                               "lowbit_kernels": os.environ.get("LOWBIT_PDL", "1") != "0",
+                               "lowbit_kernels": pdl.requested(),
                                "inductor_kernels": bool(inductor_config.triton.enable_pdl)},
                            "peak_mem": "this model's weights, KV cache and activations; the bf16 "
                                        "source model kept for the next config is subtracted"}

@@ -26,10 +26,14 @@ def _hopper_or_newer(device_index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def requested() -> bool:
+    """Whether PDL is wanted at all (LOWBIT_PDL=0 says no)."""
+    return os.environ.get("LOWBIT_PDL", "1") != "0"
+
+
 def enabled(t: torch.Tensor) -> bool:
     """Whether kernels on t's device launch with PDL."""
-    return (t.device.type == "cuda" and os.environ.get("LOWBIT_PDL", "1") != "0"
-            and _hopper_or_newer(t.device.index or 0))
+    return t.device.type == "cuda" and requested() and _hopper_or_newer(t.device.index or 0)
 
 
 def options(t: torch.Tensor) -> dict:

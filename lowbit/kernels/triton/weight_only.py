@@ -911,15 +911,12 @@ def matches_reference(out: torch.Tensor, reference: Callable[[torch.Tensor], tor
 
 
 def _reference_columns(x, qdata, scale, zero, bias, fmt: int, cols: torch.Tensor) -> torch.Tensor:
-    """fp32 x @ w[cols]^T + bias[cols] from the reference dequantization."""
+    """Output columns `cols` of the op's reference linear, in fp32 (the tuner's check)."""
+    xf, b = x.float(), None if bias is None else bias[cols].float()
     if fmt == INT4:
-        w = ref.intx_weight(qdata[cols], scale[cols], zero[cols], 4, torch.float32)
-    elif fmt == INT8:
-        w = ref.int8_weight(qdata[cols], scale[cols], torch.float32)
-    else:
-        w = ref.fp8_weight(qdata[cols], scale[cols], torch.float32)
-    expected = x.float() @ w.t()
-    return expected if bias is None else expected + bias[cols].float()
+        return ref.intx_weight_only_linear(xf, qdata[cols], scale[cols], zero[cols], b, 4)
+    linear = ref.int8_weight_only_linear if fmt == INT8 else ref.fp8_weight_only_linear
+    return linear(xf, qdata[cols], scale[cols], b)
 
 
 # Tuner candidate for large M: decode the weight once, then the dense cuBLAS GEMM.
