@@ -107,6 +107,24 @@ def _register() -> None:
 
         return decode_attention(q, k, v, input_pos)
 
+    @ops.rope_cache_attention.register_kernel("cuda")
+    def _(q, k, v, cos, sin, k_cache, v_cache, input_pos):
+        if not HAS_TRITON or not rope_cache_attention_fits(q, k, v, cos, sin, k_cache, v_cache):
+            return ref.rope_cache_attention(q, k, v, cos, sin, k_cache, v_cache, input_pos)
+        from lowbit.kernels.triton.decode_attention import rope_cache_attention
+
+        return rope_cache_attention(q, k, v, cos, sin, k_cache, v_cache, input_pos)
+
+
+def rope_cache_attention_fits(q, k, v, cos, sin, k_cache, v_cache) -> bool:
+    """The fused kernel's layout: `decode_attention_fits` for the caches, the token's k and v
+    rows contiguous along the head, one fp32 cos/sin row, and the caches in q's dtype."""
+    q4 = q.transpose(1, 2)
+    return (decode_attention_fits(q4, k_cache, v_cache) and q.shape[1] == 1
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and k.dtype == v.dtype == q.dtype
+            and cos.shape == sin.shape == (1, q.shape[-1] // 2) and cos.is_contiguous()
+            and sin.is_contiguous() and cos.dtype == sin.dtype == torch.float32)
+
 
 def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The Triton decode attention takes one query per sequence, a power-of-two head size of

@@ -70,6 +70,24 @@ def _fake_decode_attention(q, k, v, input_pos):
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("lowbit::rope_cache_attention", mutates_args=("k_cache", "v_cache"))
+def rope_cache_attention(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+    input_pos: Tensor,
+) -> Tensor:
+    """A decode step's attention from the projections (q [B, 1, H, D], k and v [B, 1, H_kv, D],
+    before RoPE): rotates q and k, writes k and v into the caches at input_pos[0] and attends
+    over positions 0..input_pos[0]. Returns [B, H, 1, D]. On CUDA one split-cache Triton kernel
+    does all three (kernels/triton/decode_attention)."""
+    return ref.rope_cache_attention(q, k, v, cos, sin, k_cache, v_cache, input_pos)
+
+
+@rope_cache_attention.register_fake
+def _fake_rope_cache_attention(q, k, v, cos, sin, k_cache, v_cache, input_pos):
+    batch, _, heads, dim = q.shape
+    return q.new_empty((batch, heads, 1, dim))
+
+
 @int8_weight_only_linear.register_fake
 @fp8_weight_only_linear.register_fake
 @int8_dynamic_linear.register_fake
@@ -96,4 +114,5 @@ ALL_OPS = (
     fp8_dynamic_linear,
     int8_act_intx_weight_linear,
     decode_attention,
+    rope_cache_attention,
 )

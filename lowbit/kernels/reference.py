@@ -132,3 +132,23 @@ def decode_attention(q, k, v, input_pos):
     seen = torch.arange(cache_len, device=q.device) <= input_pos[0]
     y = F.scaled_dot_product_attention(folded, k, v, attn_mask=seen.expand(groups, cache_len))
     return y.reshape(batch, heads, 1, dim)
+
+
+def rope(x, cos, sin):
+    """Rotate x [B, T, H, D] by position in fp32, pairs (i, i + D/2); cos and sin [T, D/2]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+def rope_cache_attention(q, k, v, cos, sin, k_cache, v_cache, input_pos):
+    """One decode step's attention from the projections: q [B, 1, H, D], k and v
+    [B, 1, H_kv, D] not yet rotated. Rotates q and k, writes k and v into the caches
+    [B_max, H_kv, S, D] at input_pos[0], attends over positions 0..input_pos[0]: [B, H, 1, D]."""
+    batch = q.shape[0]
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    k_cache[:batch].index_copy_(2, input_pos, k.transpose(1, 2))
+    v_cache[:batch].index_copy_(2, input_pos, v.transpose(1, 2))
+    y = decode_attention(q.transpose(1, 2), k_cache[:batch], v_cache[:batch], input_pos)
+    return y.contiguous()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.kernels import ops
+from lowbit.kernels import reference as ref
 
 _PRESETS: dict[str, dict] = {
     "llama3-8b": dict(
@@ -97,12 +98,7 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor,
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, T, H, D] by position, in fp32; pairs are (i, i + D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.type_as(x)
+apply_rope = ref.rope  # x [B, T, H, D] rotated by position in fp32, pairs (i, i + D/2)
 
 
 class KVCache(nn.Module):
@@ -167,16 +163,18 @@ class Attention(nn.Module):
         q = q.view(batch, seq, self.n_heads, self.head_dim)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
+        if input_pos is not None and seq == 1 and q.is_cuda:
+            # One new token: RoPE, the cache write and a split-cache attention in one kernel
+            # (a batch-1 step would otherwise keep only n_kv_heads SMs busy in attention, and
+            # spend three more launches on rotating and writing).
+            cache = self.kv_cache
+            y = ops.rope_cache_attention(q, k, v, cos, sin, cache.k, cache.v, input_pos)
+            return self.wo(y.transpose(1, 2).reshape(batch, seq, -1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        if input_pos is not None and seq == 1 and q.is_cuda:
-            # One new token: the split-cache decode kernel (a batch-1 step would otherwise keep
-            # only n_kv_heads SMs busy in attention).
-            y = ops.decode_attention(q, k, v, input_pos)
-        else:
-            y = self._attend(q, k, v, mask)
+        y = self._attend(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(batch, seq, -1))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

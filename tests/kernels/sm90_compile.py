@@ -213,6 +213,13 @@ def main() -> None:
         q = torch.randn(batch, 32, 1, 128, dtype=torch.bfloat16)
         k, v = (torch.randn(batch, 8, 384, 128, dtype=torch.bfloat16) for _ in range(2))
         decode_attention.decode_attention(q, k, v, torch.tensor([200]))
+        recorder.case = f"rope + cache write + decode attention B={batch}"
+        qkv = torch.randn(batch, 1, 48 * 128, dtype=torch.bfloat16)
+        qn, kn, vn = qkv.split([32 * 128, 8 * 128, 8 * 128], dim=-1)
+        cos, sin = torch.rand(1, 64), torch.rand(1, 64)
+        decode_attention.rope_cache_attention(
+            qn.view(batch, 1, 32, 128), kn.view(batch, 1, 8, 128), vn.view(batch, 1, 8, 128),
+            cos, sin, k, v, torch.tensor([200]))
 
 
 if __name__ == "__main__":

@@ -80,3 +80,26 @@ def test_decode_attention_op():
         scores[:, 10:] = float("-inf")
         want = torch.einsum("bs,bsd->bd", scores.softmax(-1), v[:, kv])
         torch.testing.assert_close(out[:, head, 0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_cache_attention_op():
+    """Schema (the caches are declared mutated), fake impl and reference; the reference is
+    RoPE, the cache write and `decode_attention` in sequence."""
+    from lowbit.models.llama import apply_rope, rope_tables
+
+    q, k, v = torch.randn(2, 1, 8, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    cos, sin = rope_tables(torch.tensor([9]), 16, 10000.0)
+    k_cache, v_cache = torch.randn(3, 2, 24, 16), torch.randn(3, 2, 24, 16)
+    input_pos = torch.tensor([9])
+    torch.library.opcheck(ops.rope_cache_attention,
+                          (q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), input_pos))
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = ops.rope_cache_attention(q, k, v, cos, sin, kc, vc, input_pos)
+    rk = apply_rope(k, cos, sin).transpose(1, 2)
+    assert torch.equal(kc[:2, :, 9:10], rk) and torch.equal(vc[:2, :, 9:10], v.transpose(1, 2))
+    kc_before = k_cache.clone()
+    kc_before[:2, :, 9:10] = rk
+    assert torch.equal(kc, kc_before)  # nothing else written, the third row untouched
+    want = ops.decode_attention(apply_rope(q, cos, sin).transpose(1, 2), kc[:2], vc[:2],
+                                input_pos)
+    torch.testing.assert_close(out, want)

@@ -550,6 +550,44 @@ def test_decode_attention_matches_reference(heads, kv_heads, pos):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)  # fp32 both ways
 
 
+def _projections(batch, heads, kv_heads, dim, dtype):
+    """q, k, v [B, 1, heads, D] as the model has them: views into one fused qkv output."""
+    qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * dim, device=DEVICE).to(dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    return (q.view(batch, 1, heads, dim), k.view(batch, 1, kv_heads, dim),
+            v.view(batch, 1, kv_heads, dim))
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dtype"), [
+    (8, 2, torch.float32), (4, 4, torch.float32), (8, 2, torch.bfloat16)])
+@pytest.mark.parametrize("pos", [0, 63, 64, 150, 199])
+def test_rope_cache_attention_matches_reference(heads, kv_heads, dtype, pos):
+    """The fused step (RoPE, cache write, split-cache attention) against rope + index_copy_ +
+    SDPA: the output, and both caches (the token's rotated k and its v at `pos`, every other
+    position and the cache row beyond the batch untouched). Splits of 64 positions over a
+    200-long cache put `pos` first, last, alone or mid-way in its split."""
+    from lowbit.kernels import reference as ref
+    from lowbit.kernels.triton.decode_attention import rope_cache_attention
+    from lowbit.models.llama import rope_tables
+
+    batch, dim, cache_len = 2, 32, 200
+    q, k, v = _projections(batch, heads, kv_heads, dim, dtype)
+    cos, sin = rope_tables(torch.tensor([pos], device=DEVICE), dim, 10000.0)
+    k_cache = torch.randn(batch + 1, kv_heads, cache_len, dim, device=DEVICE).to(dtype)
+    v_cache = torch.randn(batch + 1, kv_heads, cache_len, dim, device=DEVICE).to(dtype)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    input_pos = torch.tensor([pos], device=DEVICE)
+    want = ref.rope_cache_attention(q, k, v, cos, sin, want_k, want_v, input_pos)
+    out = rope_cache_attention(q, k, v, cos, sin, k_cache, v_cache, input_pos)
+    assert out.shape == want.shape == (batch, heads, 1, dim) and out.is_contiguous()
+    # fp32: the same sums in another order; bf16: q, k and the probabilities rounded to bf16
+    # (one ulp, 2^-8 relative) on both sides, so a rounding apart in a few of them
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(k_cache, want_k, rtol=tol, atol=tol)  # the rotation, one FMA apart
+    assert torch.equal(v_cache, want_v)
+
+
 def test_decode_attention_splits():
     """Enough programs for ~2 per SM, every split holding a whole number of 64-position tiles
     and none empty."""
@@ -561,6 +599,31 @@ def test_decode_attention_splits():
     for heads, cache in ((8, 384), (64, 8192), (1, 1000), (300, 64)):
         splits, chunk = splits_for(heads, cache, 132)
         assert chunk % 64 == 0 and (splits - 1) * chunk < cache <= splits * chunk
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("batch", [1, 8])
+def test_rope_cache_attention_full_size(batch):
+    """Llama-3-8B heads (32 query, 8 KV, head 128, bf16) over a 384-long cache at the first,
+    a split's last and the last position, through the op the model calls, against the
+    reference on the same inputs: output and caches."""
+    from lowbit.kernels import ops
+    from lowbit.kernels import reference as ref
+    from lowbit.models.llama import rope_tables
+
+    for pos in (0, 127, 383):
+        q, k, v = _projections(batch, 32, 8, 128, torch.bfloat16)
+        cos, sin = rope_tables(torch.tensor([pos], device=DEVICE), 128, 500000.0)
+        k_cache = torch.randn(batch, 8, 384, 128, device=DEVICE).to(torch.bfloat16)
+        v_cache = torch.randn(batch, 8, 384, 128, device=DEVICE).to(torch.bfloat16)
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        input_pos = torch.tensor([pos], device=DEVICE)
+        want = ref.rope_cache_attention(q, k, v, cos, sin, want_k, want_v, input_pos)
+        out = ops.rope_cache_attention(q, k, v, cos, sin, k_cache, v_cache, input_pos)
+        assert sqnr_db(out, want) > 40, pos  # bf16 output and probabilities: ~45-50 dB
+        assert sqnr_db(k_cache, want_k) > 45, pos  # bf16 rounding of the rotated k: ~50 dB
+        assert torch.equal(v_cache, want_v), pos
 
 
 @pytest.mark.cuda
