@@ -327,6 +327,16 @@ class Transformer(nn.Module):
         to every cached position up to each query's own. Without it the caches are not used:
         plain causal attention over tokens, for training and perplexity.
         """
+        h, cos, sin, mask = self.prepare(tokens, input_pos)
+        for layer in self.layers:
+            h = layer(h, cos, sin, input_pos, mask)
+        return self.output(self.norm(h))
+
+    def prepare(self, tokens: Tensor,
+                input_pos: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """What `forward` computes before the blocks: embeddings, RoPE tables (cos, sin) and,
+        with a cache, the mask of the positions each query sees (a method of its own so that
+        a block-wise compile can compile it too)."""
         batch, seq = tokens.shape
         if input_pos is None:
             if seq > self.args.max_seq_len:
@@ -338,10 +348,7 @@ class Transformer(nn.Module):
             cached = torch.arange(self.cache_len, device=tokens.device)
             mask = cached[None, :] <= input_pos[:, None]
         cos, sin = rope_tables(positions, self.args.head_dim, self.args.rope_theta)
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin, input_pos, mask)
-        return self.output(self.norm(h))
+        return self.tok_embeddings(tokens), cos, sin, mask
 
     def _check_cache_fits(self, batch: int, seq: int, input_pos: Tensor) -> None:
         """Shape-only checks: they cost no host sync and add no graph break."""
