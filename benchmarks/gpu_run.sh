@@ -18,6 +18,7 @@ case "$what" in
         | tee "$OUT/kernel_tests.log" ;;
   ops) python3 benchmarks/bench_ops.py "$@" 2>&1 | tee "$OUT/ops.log" ;;
   decode) python3 benchmarks/bench_decode.py "$@" 2>&1 | tee "$OUT/decode.log" ;;
+  sweep) python3 benchmarks/sweep_gemm_tiles.py "$@" 2>&1 | tee "$OUT/sweep.log" ;;
   mx) python3 -m pytest -q -p no:cacheprovider tests/kernels/test_mx_triton.py 2>&1 \
         | tee "$OUT/mx_tests.log"
       python3 benchmarks/bench_mx.py "$@" 2>&1 | tee "$OUT/mx.log" ;;

@@ -119,6 +119,7 @@ TITLES = {
                          "(GPU: card and world_size in the conditions)",
     "fsdp_fp8": "FSDP2 training throughput per GPU, 8 layers, session 5's code (before the "
                 "batched shard casts and the host-sync fix)",
+    "gemm_sweep": "Weight-only tl.dot GEMM: a wide tile grid vs the shipped tiles (GPU)",
     "host_overhead": "Host time of one compiled decode call, GPU work removed (CPU)",
     "fp8_host_overhead": "Compiled fp8 training step per linear, tiny shapes: host-side cost by "
                          "code version (CPU)",
