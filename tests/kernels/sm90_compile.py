@@ -7,7 +7,9 @@ Run by test_sm90_compile.py in a subprocess, because the kernel tests import the
 TRITON_INTERPRET=1, which turns them into interpreted functions. The interpreter runs code the
 compiler rejects (one such bug reached the GPU machine), so this runs the public ops on CPU
 tensors with a stand-in driver that reports an sm_90 GPU, and every launch only compiles, with
-the arguments (and so the specializations) a real call would have. Each launch of each tuner
+the arguments (and so the specializations) a real call would have. The native variants
+(inline-PTX decoders, bf16 tensor-core dots; see lowbit/kernels/triton/target.py) are the ones
+compiled, as on a GPU. Each launch of each tuner
 candidate kind is covered: the first GEMV, multi-row GEMV, GEMM (swapped or not, split or not)
 and decode-then-dense candidate of every M bucket. Per compiled kernel it prints a JSON line:
 
@@ -39,6 +41,7 @@ from lowbit.kernels.triton import (  # noqa: E402
     mx_weight_only,
     pdl,
     sparse24,
+    target,
 )
 from lowbit.kernels.triton import weight_only as wo  # noqa: E402
 
@@ -167,6 +170,7 @@ def main() -> None:
         original, fn, *a, grid=grid, warmup=warmup, **kw)
     wo.Tuner.run = _launch_every_kind
     pdl.enabled = lambda t: True  # compile the programmatic-dependent-launch variants
+    target.native = lambda t: True  # and the inline-PTX decoders and tensor-core dots
     ops = {"int4": wo.int4_weight_only_mm, "int8": wo.int8_weight_only_mm,
            "fp8": wo.fp8_weight_only_mm}
     n = 256

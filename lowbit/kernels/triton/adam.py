@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import target
+
 FLOAT32, BOOK8, BOOK4, FP8 = 0, 1, 2, 3
 _E4M3_MAX = tl.constexpr(448.0)
 _E4M3_MIN_SUBNORMAL = tl.constexpr(2.0**-9)
@@ -351,7 +353,7 @@ def fused_adam_step_(
         V_KIND=v_format.kind, V_POSITIVE=v_format.positive, V_LUT_BITS=v_format.lut_bits,
         V_LUT_FIRST=v_format.lut_first,
         DECOUPLED=decoupled, STOCHASTIC_BF16=stochastic_bf16_seed is not None,
-        BLOCK=block, ROWS=rows, NATIVE=device.type == "cuda", num_warps=warps,
+        BLOCK=block, ROWS=rows, NATIVE=target.native(hyper), num_warps=warps,
         WIDE=max(numels) >= _INT32_LIMIT,
         # No contraction of a * b + c into fma: the reference rounds each product.
         enable_fp_fusion=False,

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import target
 from .weight_only import INT4_OFFSET, _dequant_tile, fit_k_block
 
 
@@ -56,7 +57,7 @@ def dequantize_words(words: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     grid = (triton.cdiv(n, bn), k // bk)
     args = (words, scale, zero, out, n, k, nwords, g, scale.stride(0))
     meta = dict(FMT=fmt, BN=bn, BK=bk, NG=ng, WPG=min(g, bk) // cpw,
-                ASM=words.device.type == "cuda", num_warps=4)
+                ASM=target.native(words), num_warps=4)
     if compile_only:
         _dequant_kernel.warmup(*args, grid=grid, **meta)
     else:

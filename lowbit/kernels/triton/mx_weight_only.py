@@ -32,6 +32,7 @@ import triton.language as tl
 
 from lowbit.formats import mx
 
+from . import target
 from .weight_only import (
     _GEMM_TILES,
     _GEMV_TILES,
@@ -296,7 +297,7 @@ def _gemv_launch(cfg: GemvCfg, compile_only: bool, x, words, scale, ts, bias, ou
         n, words.stride(0), scale.stride(0), k // (units * cpu) // cfg.split,
         ELEM=elem, NV=nv, SHIFT=_SCALE_SHIFT[elem], BN=cfg.bn, U=units, UPG=block // cpu,
         HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1, STAGES=cfg.stages,
-        ASM=x.device.type == "cuda", num_warps=cfg.warps,
+        ASM=target.native(x), num_warps=cfg.warps,
     )
     if cfg.split > 1 and not compile_only:
         splitk_reduce(dest, bias, out)
@@ -379,8 +380,8 @@ def _gemm_launch(cfg: GemmCfg, compile_only: bool, x, words, scale, ts, bias, ou
         m, n, words.stride(0), x.stride(0), scale.stride(0), k // cfg.bk // cfg.split,
         ELEM=elem, NV=nv, SHIFT=_SCALE_SHIFT[elem], BM=cfg.bm, BN=cfg.bn, G=cfg.bk // block,
         UPG=block // _CODES_PER_UNIT[elem], HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1,
-        DOT_F32=x.dtype == torch.float32 or x.device.type != "cuda",
-        ASM=x.device.type == "cuda", SWAP=cfg.swap, num_warps=cfg.warps, num_stages=cfg.stages,
+        DOT_F32=x.dtype == torch.float32 or not target.native(x),
+        ASM=target.native(x), SWAP=cfg.swap, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if cfg.split > 1 and not compile_only:
         splitk_reduce(dest, bias, out)

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import target
 from .weight_only import (
     Tuner,
     _dot,
@@ -365,7 +366,7 @@ def _kernel_launch(cfg: SparseCfg, compile_only: bool, x: torch.Tensor, w: _Weig
                       *common, **meta)
     else:
         grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split)
-        dot_f32 = x.dtype == torch.float32 or x.device.type != "cuda"
+        dot_f32 = x.dtype == torch.float32 or not target.native(x)
         launch_kernel(_dot_kernel, grid, compile_only, *common, DOT_F32=dot_f32, SWAP=cfg.swap,
                       **meta)
     if cfg.split > 1 and not compile_only:

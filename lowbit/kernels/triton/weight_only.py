@@ -31,7 +31,7 @@ import triton.language as tl
 
 from lowbit.kernels import reference as ref
 
-from . import pdl
+from . import pdl, target
 from .pdl import wait_for_inputs
 
 INT4, INT8, FP8 = 0, 1, 2
@@ -659,7 +659,7 @@ def _gemv_launch(cfg: GemvCfg, compile_only: bool, x, words, scale, zero, bias, 
     scale, zero, pairs = param_words(scale, zero)
     common = (x, words, scale, zero, bias if bias is not None else out, dest)
     meta = dict(FMT=fmt, BN=cfg.bn, NG=kb // gk, WPG=gk // cpw, HAS_BIAS=bias is not None,
-                PARTIAL=cfg.split > 1, STAGES=cfg.stages, ASM=x.device.type == "cuda",
+                PARTIAL=cfg.split > 1, STAGES=cfg.stages, ASM=target.native(x),
                 PAIRS=pairs, ONE_GROUP=one_group, num_warps=cfg.warps, **pdl.options(x))
     grid = (triton.cdiv(n, cfg.bn), cfg.split)
     iters = k // kb // cfg.split
@@ -827,7 +827,7 @@ def _gemm_launch(cfg: GemmCfg, compile_only: bool, x, words, scale, zero, bias, 
         m, n, g, words.stride(0), k // cfg.bk // cfg.split, x.stride(0), scale.stride(0),
         FMT=fmt, BM=cfg.bm, BN=cfg.bn, NG=cfg.bk // gk, WPG=gk // cpw, GROUP_M=8,
         HAS_BIAS=bias is not None, PARTIAL=cfg.split > 1,
-        DOT_F32=x.dtype == torch.float32 or x.device.type != "cuda", ASM=x.device.type == "cuda",
+        DOT_F32=x.dtype == torch.float32 or not target.native(x), ASM=target.native(x),
         SWAP=cfg.swap, PAIRS=pairs, ONE_GROUP=one_group, num_warps=cfg.warps,
         num_stages=cfg.stages, **pdl.options(x),
     )
