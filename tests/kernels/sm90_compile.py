@@ -15,7 +15,9 @@ and decode-then-dense candidate of every M bucket. Per compiled kernel it prints
 
 * ``sync_loads``: plain (not prefetched) global loads left inside the kernel's K loop, read
   from the TritonGPU IR after pipelining: each one stalls every loop step on memory latency;
-* ``local_bytes``: per-thread local memory in the cubin (register spills).
+* ``local_bytes``: per-thread local memory in the cubin (register spills);
+* ``bytes_into_mma_operand``: whether stored 8-bit weights are read from shared memory straight
+  into the register layout of an MMA's A operand (widened there, never written back).
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ def _sync_loads_in_loop(ttgir: str) -> int:
     return sum(1 for line in body if re.search(r"= tt\.load ", line))
 
 
+def _bytes_into_mma_operand(ttgir: str) -> bool:
+    """A shared-memory load of an 8-bit tensor into a dot-operand A layout."""
+    return re.search(r"ttg\.local_load .* -> tensor<\S+x(i8|f8E4M3FN), #ttg\.dot_op<\{opIdx = 0",
+                     ttgir) is not None
+
+
 def _local_bytes(cubin: bytes) -> int:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -108,7 +116,8 @@ class Recorder:
             self.seen.add(key)
             self._emit({"kernel": name, "case": self.case, "ok": True,
                         "sync_loads": _sync_loads_in_loop(kernel.asm["ttgir"]),
-                        "local_bytes": _local_bytes(kernel.asm["cubin"])})
+                        "local_bytes": _local_bytes(kernel.asm["cubin"]),
+                        "bytes_into_mma_operand": _bytes_into_mma_operand(kernel.asm["ttgir"])})
         return kernel
 
     @staticmethod

@@ -39,7 +39,7 @@ def test_every_kernel_compiles_for_sm90(kernels):
         "dynamic._int8_gemm_kernel", "dynamic._quantize_rows_kernel",
         "dynamic._quantize_rows_fp8_kernel", "mx_weight_only._mx_gemv_kernel",
         "mx_weight_only._mx_gemm_kernel", "decode_attention._partial_kernel",
-        "decode_attention._merge_kernel"} <= names
+        "decode_attention._merge_kernel", "upcast_gemm._upcast_gemm_kernel"} <= names
 
 
 def test_quantized_weight_loops_have_no_synchronous_loads(kernels):
@@ -55,3 +55,16 @@ def test_quantized_weight_loops_have_no_synchronous_loads(kernels):
 
 def test_no_register_spills(kernels):
     assert [(r["kernel"], r["case"]) for r in kernels if r["local_bytes"]] == []
+
+
+def test_upcast_gemm_widens_weights_in_mma_registers(kernels):
+    """The upcast GEMM exists for this: stored weight bytes go from the pipeline's shared
+    buffer straight into the wgmma A-operand registers, widened there (Triton hoists the
+    operand layout through the widening). Should a Triton upgrade stop doing that, the kernel
+    is back to the decoded tile's shared-memory round trip, and this says so."""
+    rows = [r for r in kernels if r["kernel"] == "upcast_gemm._upcast_gemm_kernel"]
+    assert len(rows) >= 8
+    assert [r["case"] for r in rows if not r["bytes_into_mma_operand"]] == []
+    # A single scale per row is read once; per-group scales are read a step ahead by hand
+    # (they do not feed the dot, so the pipeliner leaves them), which the IR shows as loads.
+    assert [r["case"] for r in rows if "groups=1 " in r["case"] and r["sync_loads"]] == []

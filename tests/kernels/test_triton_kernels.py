@@ -203,6 +203,44 @@ def test_swapped_gemm_tiles(fmt):
         assert_matches_linear(out, x, w, bias)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
+@pytest.mark.parametrize(("m", "k", "n", "g", "dtype"), [
+    (5, 256, 80, 128, torch.bfloat16),  # two 64-row weight blocks, the second partly masked
+    (17, 256, 48, 64, torch.float16),  # M over one 16-row block; fp16 scales read as pairs
+    (3, 128, 16, 128, torch.float32),  # fp32 activations: fp32 dots
+])
+def test_upcast_gemm_tiles(fmt, m, k, n, g, dtype):
+    """The upcast GEMM (codes widened in the MMA's registers, scales applied to its output)
+    against the float weights: its first candidates and a K split through the workspace."""
+    from lowbit.kernels.triton import upcast_gemm
+
+    x = make_x(m, k, dtype)
+    words, scale, zero, code, w = _weights(fmt, n, k, g, dtype)
+    g = k // scale.shape[1]
+    bias = maybe_bias(n, dtype, True)
+    tiles = upcast_gemm.upcast_candidates(x, n, k, g, scale.shape[1] == 1)
+    for cfg in [*tiles[:2], upcast_gemm.UpcastCfg(16, 64, 64, 4, 2, split=2)]:
+        out = torch.empty(m, n, device=DEVICE, dtype=dtype)
+        upcast_gemm.upcast_launch(cfg, False, x, words, scale, zero, bias, out, code, g)
+        assert_matches_linear(out, x, w, bias)
+
+
+def test_upcast_gemm_candidates():
+    """Offered for 1 < M <= 64 only, with K steps inside a quantization group and rows of x in
+    blocks of the M bucket (16 at least, the MMA's narrowest side)."""
+    from lowbit.kernels.triton.upcast_gemm import upcast_candidates
+
+    def cands(m, k=4096, g=128, one_group=False):
+        return upcast_candidates(torch.empty(m, k), 14336, k, g, one_group)
+
+    assert cands(1) == [] and cands(65) == []
+    assert cands(2, g=32) == []  # no 64-wide K step fits a 32-wide group
+    assert {c.bm for c in cands(3)} == {16} and {c.bm for c in cands(33)} == {64}
+    assert {c.bk for c in cands(8, g=64)} == {64}
+    assert {c.bk for c in cands(8, g=4096, one_group=True)} == {64, 128}
+    assert any(c.split > 1 for c in cands(8))
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("m", [2, 3, 4])
 def test_every_multi_row_gemv_tile(fmt, m):
@@ -340,11 +378,9 @@ def test_fp8_full_size(m):
     assert sqnr_db(y, linear_ref(x, dequant_scaled(q, scale), None)) > 40
 
 
-def _check_every_tile(m, fmt, tiles_of, launch_name):
-    """Run every tile tiles_of(x, g, format code) gives on a full-size layer with
-    weight_only.<launch_name>, each against the float reference."""
-    from lowbit.kernels.triton import weight_only as wo
-
+def _check_every_tile(m, fmt, tiles_of, launch):
+    """Run every tile tiles_of(x, g, format code) gives on a full-size layer with launch (a
+    kernel module's launch function), each against the float reference."""
     x = make_x(m, K_FULL, torch.bfloat16)
     words, scale, zero, code, w = _weights(fmt, N_FULL, K_FULL, 128, torch.bfloat16)
     bias = maybe_bias(N_FULL, torch.bfloat16, True)
@@ -354,7 +390,7 @@ def _check_every_tile(m, fmt, tiles_of, launch_name):
     assert tiles
     for cfg in tiles:
         out = torch.empty(m, N_FULL, device=DEVICE, dtype=torch.bfloat16)
-        getattr(wo, launch_name)(cfg, False, x, words, scale, zero, bias, out, code, g)
+        launch(cfg, False, x, words, scale, zero, bias, out, code, g)
         assert sqnr_db(out, ref) > 40, cfg  # fp32 sums, bf16 weights and output: ~50 dB
 
 
@@ -369,7 +405,19 @@ def test_every_swapped_gemm_tile(m, fmt):
     def swapped(x, g, code):
         return [t for t in wo.gemm_candidates(wo._GEMM_TILES, x, N_FULL, K_FULL, g, 32) if t.swap]
 
-    _check_every_tile(m, fmt, swapped, "_gemm_launch")
+    _check_every_tile(m, fmt, swapped, wo._gemm_launch)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("m", [2, 8, 33, 64])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
+def test_every_upcast_gemm_tile(m, fmt):
+    """Every upcast GEMM candidate, compiled (codes widened in the wgmma registers), full size."""
+    from lowbit.kernels.triton import upcast_gemm
+
+    _check_every_tile(m, fmt, lambda x, g, code: upcast_gemm.upcast_candidates(
+        x, N_FULL, K_FULL, g, g == K_FULL), upcast_gemm.upcast_launch)
 
 
 @pytest.mark.cuda
@@ -381,7 +429,7 @@ def test_every_multi_row_gemv_tile_full_size(m, fmt):
     from lowbit.kernels.triton import weight_only as wo
 
     _check_every_tile(m, fmt, lambda x, g, code: wo._gemv_candidates(x, N_FULL, K_FULL, g, code),
-                      "_gemv_launch")
+                      wo._gemv_launch)
 
 
 @pytest.mark.cuda

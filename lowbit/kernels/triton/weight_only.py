@@ -866,9 +866,12 @@ def _weight_only_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                   lambda c, co: _gemv_launch(c, co, x, words, scale, zero, bias, out, fmt, g),
                   x.device, check)
     else:
+        from . import upcast_gemm  # it builds on this module's helpers
+
         key = ("gemm", fmt, x.dtype, m_bucket(m), n, k, g)
         cands: list = gemm_candidates(_GEMM_TILES, x, n, k, g, 32)
         cands += _gemv_candidates(x, n, k, g, fmt)
+        cands += upcast_gemm.upcast_candidates(x, n, k, g, scale.shape[1] == 1)
         if m > _SPLIT_MAX_M:
             cands.append(DEQUANT_THEN_DENSE)
 
@@ -877,6 +880,9 @@ def _weight_only_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                 _dequant_then_dense(compile_only, x, words, scale, zero, bias, out, fmt)
             elif isinstance(c, GemvCfg):
                 _gemv_launch(c, compile_only, x, words, scale, zero, bias, out, fmt, g)
+            elif isinstance(c, upcast_gemm.UpcastCfg):
+                upcast_gemm.upcast_launch(c, compile_only, x, words, scale, zero, bias, out, fmt,
+                                          g)
             else:
                 _gemm_launch(c, compile_only, x, words, scale, zero, bias, out, fmt, g)
 
