@@ -167,8 +167,8 @@ WEIGHT_ONLY_CASES = [
     ("fp8", 4096, 1, torch.float32),
 ]
 # M buckets 1, 2 (multi-row GEMV, small-M GEMM tiles), 4, 64 and 128 (decode-then-dense).
-# Every case runs the first two; the first case all of them, with K splits.
-MS, MS_FIRST = (1, 2), (1, 2, 3, 33, 100)
+# Every case runs 1, 2 and 64 (M = 33); the first case all of them, with K splits.
+MS, MS_FIRST = (1, 2, 33), (1, 2, 3, 33, 100)
 
 
 def main() -> None:

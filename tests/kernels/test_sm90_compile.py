@@ -63,7 +63,7 @@ def test_upcast_gemm_widens_weights_in_mma_registers(kernels):
     operand layout through the widening). Should a Triton upgrade stop doing that, the kernel
     is back to the decoded tile's shared-memory round trip, and this says so."""
     rows = [r for r in kernels if r["kernel"] == "upcast_gemm._upcast_gemm_kernel"]
-    assert len(rows) >= 8
+    assert len(rows) >= 3  # int8 with group scales, int8 and fp8 with one scale per row
     assert [r["case"] for r in rows if not r["bytes_into_mma_operand"]] == []
     # A single scale per row is read once; per-group scales are read a step ahead by hand
     # (they do not feed the dot, so the pipeliner leaves them), which the IR shows as loads.

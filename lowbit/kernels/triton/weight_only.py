@@ -871,7 +871,7 @@ def _weight_only_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
         key = ("gemm", fmt, x.dtype, m_bucket(m), n, k, g)
         cands: list = gemm_candidates(_GEMM_TILES, x, n, k, g, 32)
         cands += _gemv_candidates(x, n, k, g, fmt)
-        cands += upcast_gemm.upcast_candidates(x, n, k, g, scale.shape[1] == 1)
+        cands += upcast_gemm.upcast_candidates(x, n, k, g, scale.shape[1] == 1, fmt)
         if m > _SPLIT_MAX_M:
             cands.append(DEQUANT_THEN_DENSE)
 
