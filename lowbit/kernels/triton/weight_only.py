@@ -9,7 +9,9 @@ conversion. The interpreter path computes the same bits with plain shifts and ma
 Two paths, picked by M:
 * ``M == 1``: a CUDA-core GEMV. Weight bytes are streamed once; dot products are reduced per
   quantization group and scaled afterwards (one multiply per group, not per weight).
-* ``M > 1``: a tiled ``tl.dot`` GEMM that dequantizes the weight tile in registers.
+* ``M > 1``: a tiled ``tl.dot`` GEMM that dequantizes the weight tile in registers (for int8
+  and fp8 at M <= 64, ``upcast_gemm.py`` offers the tuner a GEMM that widens the stored bytes
+  in the MMA's own registers instead).
 Both can split K across programs; partial sums then go to an fp32 workspace that a second small
 kernel reduces in a fixed order, so results are deterministic and no atomics are needed. Block
 sizes, warps, stages and the K split are tuned per (M bucket, shape) by ``Tuner``.
