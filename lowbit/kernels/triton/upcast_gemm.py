@@ -13,9 +13,11 @@ scales are applied to its output, once at the end for one scale per row, else on
 
 The tuner weighs it against the tl.dot tiles. On the H200 it wins for int8 on about half of the
 Llama-3-8B (shape, M <= 64) points, by 1.02x-1.11x, and rarely for fp8
-(results/ops_small_m_upcast.json). It does not take int4: there its conversions cost more than
-the round trip saves, even with the codes widened by bit tricks (0.63x-0.94x of the tl.dot
-tiles; results/ops_int4_upcast_magic.json, code in the history at 7f4fa3f).
+(results/ops_small_m_upcast.json). It does not take int4: there it lost everywhere, even with
+the codes widened by bit tricks (0.63x-0.94x of the tl.dot tiles;
+results/ops_int4_upcast_magic.json, code in the history at 7f4fa3f), likely because each K
+step applies group scales and zeros to its own MMA sums and so waits for that MMA, where the
+tl.dot GEMM keeps several in flight (docs/decode-speed.md, section 3).
 """
 
 from __future__ import annotations
