@@ -868,8 +868,6 @@ def _weight_only_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                   lambda c, co: _gemv_launch(c, co, x, words, scale, zero, bias, out, fmt, g),
                   x.device, check)
     else:
-        from . import upcast_gemm  # it builds on this module's helpers
-
         key = ("gemm", fmt, x.dtype, m_bucket(m), n, k, g)
         cands: list = gemm_candidates(_GEMM_TILES, x, n, k, g, 32)
         cands += _gemv_candidates(x, n, k, g, fmt)
@@ -964,3 +962,7 @@ def fp8_weight_only_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ (float(qdata) * scale[n])^T (+ bias); qdata float8_e4m3fn [N, K], scale [N, 1]."""
     return _weight_only_mm(x, qdata, scale, None, bias, FP8)
+
+
+# Last, because it builds on the helpers above; imported here once rather than on every call.
+from . import upcast_gemm  # noqa: E402
