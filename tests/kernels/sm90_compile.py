@@ -17,7 +17,9 @@ and decode-then-dense candidate of every M bucket. Per compiled kernel it prints
   from the TritonGPU IR after pipelining: each one stalls every loop step on memory latency;
 * ``local_bytes``: per-thread local memory in the cubin (register spills);
 * ``bytes_into_mma_operand``: whether stored 8-bit weights are read from shared memory straight
-  into the register layout of an MMA's A operand (widened there, never written back).
+  into the register layout of an MMA's A operand (widened there, never written back);
+* ``wgmma_in_flight``: the most Hopper MMA groups the kernel lets run while it goes on (the
+  largest ``pendings`` of its waits; 0: every MMA is waited for at once).
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ def _bytes_into_mma_operand(ttgir: str) -> bool:
                      ttgir) is not None
 
 
+def _wgmma_in_flight(ttgir: str) -> int:
+    return max((int(p) for p in re.findall(r"pendings = (\d+)", ttgir)), default=0)
+
+
 def _local_bytes(cubin: bytes) -> int:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -117,7 +123,8 @@ class Recorder:
             self._emit({"kernel": name, "case": self.case, "ok": True,
                         "sync_loads": _sync_loads_in_loop(kernel.asm["ttgir"]),
                         "local_bytes": _local_bytes(kernel.asm["cubin"]),
-                        "bytes_into_mma_operand": _bytes_into_mma_operand(kernel.asm["ttgir"])})
+                        "bytes_into_mma_operand": _bytes_into_mma_operand(kernel.asm["ttgir"]),
+                        "wgmma_in_flight": _wgmma_in_flight(kernel.asm["ttgir"])})
         return kernel
 
     @staticmethod

@@ -68,3 +68,6 @@ def test_upcast_gemm_widens_weights_in_mma_registers(kernels):
     # A single scale per row is read once; per-group scales are read a step ahead by hand
     # (they do not feed the dot, so the pipeliner leaves them), which the IR shows as loads.
     assert [r["case"] for r in rows if "groups=1 " in r["case"] and r["sync_loads"]] == []
+    # With one scale per row the MMAs form one accumulator chain and stay in flight across K
+    # steps (as in the tl.dot GEMM); group scales make each step wait for its own MMA.
+    assert [r["case"] for r in rows if "groups=1 " in r["case"] and not r["wgmma_in_flight"]] == []
