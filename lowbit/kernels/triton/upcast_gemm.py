@@ -15,11 +15,16 @@ wgmma in flight only along an accumulator chain.
 
 The tuner weighs it against the tl.dot tiles. On the H200 it wins for int8 on about half of the
 Llama-3-8B (shape, M <= 64) points, by 1.02x-1.11x, and rarely for fp8
-(results/ops_small_m_upcast.json). It does not take int4: there it lost everywhere, even with
-the codes widened by bit tricks (0.63x-0.94x of the tl.dot tiles;
-results/ops_int4_upcast_magic.json, code in the history at 7f4fa3f), likely because each K
-step applies group scales and zeros to its own MMA sums and so waits for that MMA, where the
-tl.dot GEMM keeps several in flight (docs/decode-speed.md, section 3).
+(results/ops_small_m_upcast.json). Keeping the one-scale MMAs in flight changed nothing
+measurable (results/ops_small_m_upcast_chain.json): the MMA waits are not what bounds it.
+It does not take int4: there it lost everywhere, even with the codes widened by bit tricks
+(0.63x-0.94x of the tl.dot tiles; results/ops_int4_upcast_magic.json, code in the history at
+7f4fa3f). Triton 3.6 also cannot build a better int4 version: its operand-A hoisting stops at
+a broadcast (the group scales) or a narrowing conversion (fp32 math to bf16), so scaling the
+codes before the MMA sends the tile back through shared memory; the two nibble planes need the
+even and odd columns of x, split in registers and stored to shared memory every step, and
+Triton then waits for each step's MMA before that buffer is rewritten (docs/decode-speed.md,
+section 3).
 """
 
 from __future__ import annotations

@@ -61,13 +61,17 @@ class Tuner:
     """Remembers, per key, the fastest of a few launch candidates.
 
     On the first call with a new key, all candidates are compiled in parallel threads (Triton
-    releases the GIL in its compiler passes and in ptxas), then each is timed from a CUDA graph
-    that alternates an L2-evicting read with the real launch (which writes the real output, so
+    releases the GIL in its compiler passes and in ptxas), then each is timed from CUDA graphs
+    that alternate an L2-evicting read with the real launch (which writes the real output, so
     the call stays correct); the read alone is timed too and subtracted. That measures cold-L2
-    device time without launch gaps, as in a captured decode step. Later calls launch the winner
-    with no host sync, so they can be captured in CUDA graphs. On CPU (the Triton interpreter),
-    with LOWBIT_TRITON_AUTOTUNE=0, or during graph capture (not remembered then) the first
-    candidate is used untimed.
+    device time without launch gaps, as in a captured decode step. A launch that follows another
+    PDL kernel (see pdl.py) can run quite differently: most tiles gain 5-15% there, a few lose
+    up to 25% (H200, results/attempts/pdl_chain_tiles.json), so each candidate is also timed
+    right after a launch of itself and ranked by the slower of the two (for weights that fit in
+    L2 that second launch reads them warm, and the cold time is the slower). Later calls launch
+    the winner with no host sync, so they can be captured in CUDA graphs. On CPU (the Triton
+    interpreter), with LOWBIT_TRITON_AUTOTUNE=0, or during graph capture (not remembered then)
+    the first candidate is used untimed.
     """
 
     def __init__(self) -> None:
@@ -108,10 +112,11 @@ class Tuner:
         for cand in runnable(candidates, launch, check):
             run = functools.partial(launch, cand, False)
             try:
-                ms = _graph_ms([flush.sum, run]) - base
+                cold = _graph_ms([flush.sum, run]) - base
+                chained = _graph_ms([flush.sum, run, run]) - base - cold
             except RuntimeError:  # not capturable here: keep the candidates that are
                 continue
-            timed.append((max(ms, 0.0), cand))
+            timed.append((max(cold, chained, 0.0), cand))
         return timed or [(0.0, candidates[0])]
 
     def chosen(self) -> dict[Hashable, object]:
