@@ -207,7 +207,7 @@ def main() -> None:
               4: (torch.randint(0, 256, (n, k // 4), dtype=torch.uint8),
                   torch.rand(n, 32, dtype=torch.bfloat16), torch.rand(n, 32, dtype=torch.bfloat16))}
     for bits, (values, scale, zero) in sparse.items():
-        for m in (1, 2, 33, 100):
+        for m in (1, 2, 33):
             recorder.case = f"2:4 bits={bits} M={m}"
             x = torch.randn(m, k, dtype=torch.bfloat16)
             sparse24.sparse24_mm(x, values, meta, scale, zero, None, bits)

@@ -8,14 +8,13 @@ per row, decodes the kept positions with shifts and masks, and never touches a z
 * `_gemv_kernel` (CUDA cores; M <= 16): per group of 4 columns the two kept values meet the
   activation each one belongs to, picked from the 4 activations of the group by two selects
   on bits of the metadata nibble; BM rows of x share every weight load.
-* `_dot_kernel` (tensor cores; M > 1): the tile is expanded in registers to dense [BN, BK]
-  (zeros where pruned) and multiplied with `tl.dot`; above M = 64 with 64-128 rows of x per
-  program, where each expanded tile serves many rows.
+* `_dot_kernel` (tensor cores; 1 < M <= 64): the tile is expanded in registers to dense
+  [BN, BK] (zeros where pruned) and multiplied with `tl.dot`.
 * `_expand_kernel`: writes the dense weight once; for large M, "expand, then the dense cuBLAS
-  GEMM" competes with the large dot tiles and cuSPARSELt (`torch._cslt_sparse_mm` on a
-  compressed copy, its [N, M] result transposed by `_transpose_kernel`) and the choice is made
-  per shape by measurement (`weight_only.Tuner`), so sparse is never slower than dense plus
-  the (bandwidth-bound) expand.
+  GEMM" competes with cuSPARSELt (`torch._cslt_sparse_mm` on a compressed copy, its [N, M]
+  result transposed by `_transpose_kernel`) and the choice is made per shape by measurement
+  (`weight_only.Tuner`), so sparse is never slower than dense plus the (bandwidth-bound)
+  expand.
 
 At small M a linear is bound by weight bytes: 2.25 instead of 4 bytes per 2 bf16 weights, and
 0.375 + scales instead of 0.5 + scales for int4, is where the speed comes from.
@@ -296,10 +295,6 @@ _DOT_TILES_64 = (SparseCfg("dot", 32, 64, 128, 4, 4), SparseCfg("dot", 64, 64, 1
                  SparseCfg("dot", 64, 128, 64, 4, 4),
                  SparseCfg("dot", 32, 64, 128, 4, 4, swap=True),
                  SparseCfg("dot", 64, 128, 64, 4, 4, swap=True))
-# Above SMALL_M the weight tile is reused by 64-128 rows of x, so expanding it in registers
-# costs little per product; these compete with "expand, then dense" and cuSPARSELt.
-_DOT_TILES_LARGE = (SparseCfg("dot", 128, 128, 64, 8, 3), SparseCfg("dot", 128, 64, 64, 4, 3),
-                    SparseCfg("dot", 64, 128, 64, 4, 3), SparseCfg("dot", 64, 64, 64, 4, 4))
 EXPAND_THEN_DENSE = "expand-then-dense"
 CUSPARSELT = "cusparselt"
 SMALL_M = 64  # at and below: the kernels above; above: expand + cuBLAS vs cuSPARSELt
@@ -333,12 +328,6 @@ def candidates(x: torch.Tensor, n: int, k: int, g: int, fmt: int) -> list:
             tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
             cands += [cfg._replace(split=s)
                       for s in split_options(tiles, k // cfg.bk, 2 * num_sms(x))]
-    if m > SMALL_M:
-        for cfg in _DOT_TILES_LARGE:
-            cfg = _fit(cfg, k, g)
-            tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
-            cands += [cfg._replace(split=s)
-                      for s in split_options(tiles, k // cfg.bk, num_sms(x))]
     if m > 16:
         cands.append(EXPAND_THEN_DENSE)
     if (m > SMALL_M and fmt == FLOAT and x.dtype in (torch.bfloat16, torch.float16)
