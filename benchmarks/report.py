@@ -108,6 +108,8 @@ TITLES = {
     "sparse_ops_h200": "2:4 sparse linear per op on the H200, small M and M=1024",
     "sparse_ops_large_m": "2:4 sparse linear per op at large M, cuSPARSELt path (GPU: card in "
                           "the conditions)",
+    "sparse_ops_large_m_session12": "2:4 sparse linear per op at M=1024 and 4096, all four "
+                                    "shapes (GPU: card in the conditions)",
     "cslt_layouts": "cuSPARSELt output layouts, microseconds (GPU: card in the conditions)",
     "fp8_training_32layers": "fp8 training throughput, all 32 layers of Llama-3-8B (GPU: card "
                              "in the conditions)",
