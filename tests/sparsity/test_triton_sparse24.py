@@ -137,6 +137,32 @@ def test_full_size(m, bits):
 
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED, reason="programmatic dependent launch needs the GPU")
+@pytest.mark.parametrize("m", [1, 8])
+def test_chained_sparse_linears_wait_for_their_inputs(monkeypatch, m):
+    """With programmatic dependent launch the second linear is scheduled while the first still
+    runs and must wait before reading its output: replayed from a CUDA graph, the chain gives
+    exactly what it gives with PDL off (the same kernels, so the same bits)."""
+    k = n = 4096
+    first, second = make(n, k, 4, 128, torch.bfloat16), make(n, k, 0, 128, torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+    def chain():
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, first), second)
+
+    chain()  # tunes once, so both runs below launch the same kernels
+    monkeypatch.setenv("LOWBIT_PDL", "0")
+    expected = chain()
+    monkeypatch.setenv("LOWBIT_PDL", "1")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize(("r", "c", "width"), [(70, 33, 40), (64, 64, 64), (5, 130, 136)])
 def test_transpose_into(r, c, width):
     """Exact: a copy, for odd sizes and a source wider than the columns taken."""

@@ -16,6 +16,10 @@ per row, decodes the kept positions with shifts and masks, and never touches a z
   (`weight_only.Tuner`), so sparse is never slower than dense plus the (bandwidth-bound)
   expand.
 
+The GEMV and tensor-core kernels launch with programmatic dependent launch where the GPU has
+it (`pdl.py`), as the dense weight-only kernels do: in a decode step they are scheduled while
+the kernel before them still runs.
+
 At small M a linear is bound by weight bytes: 2.25 instead of 4 bytes per 2 bf16 weights, and
 0.375 + scales instead of 0.5 + scales for int4, is where the speed comes from.
 """
@@ -30,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import target
+from . import pdl, target
+from .pdl import wait_for_inputs
 from .weight_only import (
     Tuner,
     _dot,
@@ -152,7 +157,7 @@ def _gemv_kernel(
     M, N, g, VROW, MROW, stride_s, stride_xm, ITERS,
     FMT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr,
-    STAGES: tl.constexpr, PAIRS: tl.constexpr,
+    STAGES: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[m, n] = sum over kept k of x[m, k] w[n, k]; per group only 2 products per row."""
     pid_n = tl.program_id(0)
@@ -165,6 +170,7 @@ def _gemv_kernel(
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BK)[None, :]
     acc = tl.zeros((BM, BN, BK // 4), tl.float32)
     it0 = pid_k * ITERS
+    wait_for_inputs(PDL)  # nothing is read or written before the kernels before it finish
     for step in tl.range(0, ITERS, num_stages=STAGES):
         k0 = (it0 + step) * BK
         v0, v1, nib, s = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
@@ -196,6 +202,7 @@ def _dot_kernel(
     FMT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NG: tl.constexpr,
     STAGES: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr, PAIRS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """The tile expanded to dense [BN, BK] in registers, rounded to x's dtype, then tl.dot.
     DOT_F32 runs the dot on fp32 copies (fp32 x, and the interpreter, whose bf16 dot is wrong);
@@ -215,6 +222,7 @@ def _dot_kernel(
     else:
         acc = tl.zeros((BM, BN), tl.float32)
     it0 = pid_k * ITERS
+    wait_for_inputs(PDL)  # nothing is read or written before the kernels before it finish
     for step in tl.range(0, ITERS, num_stages=STAGES):
         k0 = (it0 + step) * BK
         v0, v1, nib, s = _kept_tile(v_ptr, m_ptr, s_ptr, z_ptr, rows64, rmask, k0, g, VROW, MROW,
@@ -360,7 +368,7 @@ def _kernel_launch(cfg: SparseCfg, compile_only: bool, x: torch.Tensor, w: _Weig
               x.stride(0), iters)
     meta = dict(FMT=w.fmt, HAS_ZERO=w.has_zero, HAS_BIAS=bias is not None,
                 PARTIAL=cfg.split > 1, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, NG=ng,
-                STAGES=cfg.stages, PAIRS=w.pairs, num_warps=cfg.warps)
+                STAGES=cfg.stages, PAIRS=w.pairs, num_warps=cfg.warps, **pdl.options(x))
     if cfg.kind == "gemv":
         launch_kernel(_gemv_kernel, (triton.cdiv(n, cfg.bn), cfg.split), compile_only,
                       *common, **meta)
