@@ -19,7 +19,10 @@ and decode-then-dense candidate of every M bucket. Per compiled kernel it prints
 * ``bytes_into_mma_operand``: whether stored 8-bit weights are read from shared memory straight
   into the register layout of an MMA's A operand (widened there, never written back);
 * ``wgmma_in_flight``: the most Hopper MMA groups the kernel lets run while it goes on (the
-  largest ``pendings`` of its waits; 0: every MMA is waited for at once).
+  largest ``pendings`` of its waits; 0: every MMA is waited for at once);
+* ``loop_instructions``: SASS instructions in the body of the kernel's main loop (the longest
+  backward branch; 0 when the loop is fully unrolled or absent): per-step cost of a GEMV or
+  GEMM that is bound by instructions rather than bytes.
 """
 
 from __future__ import annotations
@@ -92,13 +95,33 @@ def _wgmma_in_flight(ttgir: str) -> int:
     return max((int(p) for p in re.findall(r"pendings = (\d+)", ttgir)), default=0)
 
 
-def _local_bytes(cubin: bytes) -> int:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"LOCAL:(\d+)", usage).group(1))
+        return subprocess.run([os.path.join(BIN, "cuobjdump"), flag, f.name],
+                              capture_output=True, text=True, check=True).stdout
+
+
+def _local_bytes(cubin: bytes) -> int:
+    return int(re.search(r"LOCAL:(\d+)", _cuobjdump(cubin, "-res-usage")).group(1))
+
+
+def _loop_instructions(cubin: bytes) -> int:
+    """Instructions between the target and the source of the longest backward conditional branch
+    in the SASS."""
+    offsets, longest = [], 0
+    for line in _cuobjdump(cubin, "-sass").splitlines():
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if not m:
+            continue
+        at = int(m.group(1), 16)
+        offsets.append(at)
+        branch = re.search(r"@!?P\d\s+BRA\s+(?:`?\(?)0x([0-9a-f]+)", m.group(2))
+        if branch and int(branch.group(1), 16) < at:
+            start = int(branch.group(1), 16)
+            longest = max(longest, sum(1 for o in offsets if o >= start))
+    return longest
 
 
 class Recorder:
@@ -124,7 +147,8 @@ class Recorder:
                         "sync_loads": _sync_loads_in_loop(kernel.asm["ttgir"]),
                         "local_bytes": _local_bytes(kernel.asm["cubin"]),
                         "bytes_into_mma_operand": _bytes_into_mma_operand(kernel.asm["ttgir"]),
-                        "wgmma_in_flight": _wgmma_in_flight(kernel.asm["ttgir"])})
+                        "wgmma_in_flight": _wgmma_in_flight(kernel.asm["ttgir"]),
+                        "loop_instructions": _loop_instructions(kernel.asm["cubin"])})
         return kernel
 
     @staticmethod

@@ -71,3 +71,11 @@ def test_upcast_gemm_widens_weights_in_mma_registers(kernels):
     # With one scale per row the MMAs form one accumulator chain and stay in flight across K
     # steps (as in the tl.dot GEMM); group scales make each step wait for its own MMA.
     assert [r["case"] for r in rows if "groups=1 " in r["case"] and not r["wgmma_in_flight"]] == []
+
+
+def test_loop_instructions_are_counted(kernels):
+    """The SASS loop counter behind docs/sparsity-speed.md finds the K loop of the M = 1 GEMVs
+    (each a few hundred instructions a step); a parsing change that finds nothing says so."""
+    gemvs = [r for r in kernels if r["kernel"].endswith("_gemv_kernel") and r["case"].endswith(
+        "M=1") and "K=384" not in r["case"]]
+    assert gemvs and all(100 < r["loop_instructions"] < 5000 for r in gemvs), gemvs
