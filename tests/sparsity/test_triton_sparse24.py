@@ -136,7 +136,6 @@ def test_full_size(m, bits):
     assert sqnr.item() > 40
 
 
-
 @pytest.mark.cuda
 @pytest.mark.skipif(INTERPRETED, reason="programmatic dependent launch needs the GPU")
 @pytest.mark.parametrize("m", [1, 8])
