@@ -2,9 +2,11 @@
 
 The shipped `_GEMM_TILES` holds a few tiles per M bucket; this sweeps block sizes, warps,
 pipeline stages and the swapped layout (each with its K splits), using the tuner's own
-machinery: every candidate is compiled, checked against the reference and timed cold-L2 from a
-CUDA graph. Per (format, shape, M) it records the grid's fastest tiles and the fastest of the
-shipped ones, so a table change is backed by numbers. GPU only.
+machinery: every candidate is compiled, checked against the reference and timed as the tuner
+times it (CUDA graphs, cold L2, and since session 12 also right after a launch of itself;
+results/gemm_sweep.json predates that and is cold-L2 only). Per (format, shape, M) it records
+the grid's fastest tiles and the fastest of the shipped ones, so a table change is backed by
+numbers. GPU only.
 
     python benchmarks/sweep_gemm_tiles.py --formats int4-g128 --ms 16,64 --out gemm_sweep
 """
