@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import leave_spawned_worker
 
 from lowbit.eval import load_text
 
@@ -70,6 +71,7 @@ def _fsdp_worker(rank: int, port: int) -> None:
         assert r["logits_sqnr_db"] > 20  # as in test_train_fp8
     else:
         assert r == {}
+    leave_spawned_worker()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")

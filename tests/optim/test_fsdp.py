@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import leave_spawned_worker
 from torch import nn
 
 from lowbit.optim import AdamW4bit, QuantizedState
@@ -77,6 +78,7 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
             torch.save(results, out_file)
     finally:
         dist.destroy_process_group()
+    leave_spawned_worker()
 
 
 def test_fsdp2_matches_single_process_and_resumes(tmp_path):

@@ -17,12 +17,12 @@ from __future__ import annotations
 import copy
 import os
 import socket
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import leave_spawned_worker
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import fully_shard
 
@@ -105,12 +105,7 @@ def _worker(rank: int, port: int) -> None:
             _check_recipe(rank, *case)
     finally:
         dist.destroy_process_group()
-    # Every check passed. Leave without the interpreter's teardown: there a thread torch left
-    # running aborts the process now and then ("terminate called without an active exception",
-    # about one run in ten here, after all checks and the group's destruction).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_spawned_worker()
 
 
 def _free_port() -> int:
